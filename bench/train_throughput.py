@@ -1,0 +1,136 @@
+"""Training throughput of the unified model per loss / negative-sampling variant, and the overhead
+of the CBNS memory queue and MNS mixed negatives relative to plain in-batch softmax.
+
+    python bench/train_throughput.py [--data /tmp/ebr_bench_ml/examples_hash] [--steps 30]
+                                     [--batch-size 512] [--repeats 3] [--threads 2]
+
+Data: the TFRecords of `ebr pipeline examples` on MovieLens-100K (`bench/quality_movielens.py`
+prepares them; this script does too when --data is missing). Parsed batches are cached in memory
+so the input pipeline costs the same for every variant. Each variant's model is built and its
+train step traced first; then each repeat times `--steps` train steps of every variant in turn
+(round-robin, so load drift on a shared machine hits all variants alike). Reported: median
+examples/s over the repeats, and overhead = 1 - eps(variant) / eps(in_batch). Target for queue and
+mixed negatives: overhead under 10%. Prints JSON (also --output).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import ebr  # noqa: E402,F401  (legacy Keras before TensorFlow)
+
+MODEL = ["hash_bucket_cap=20000", "text_char_buckets=20000", "text_word_buckets=20000"]
+VARIANTS = {
+    "in_batch": ["loss.logq=none"],
+    "logq": ["loss.logq=pipeline"],
+    "logq_streaming": ["loss.logq=streaming"],
+    "cbns_queue4096": ["loss.logq=pipeline", "loss.queue_size=4096", "loss.queue_warmup_steps=0"],
+    "mns_tower256": ["loss.logq=pipeline", "loss.mixed_negatives=256"],
+    "mns_cache1024": ["loss.logq=pipeline", "loss.mixed_negatives=1024", "loss.mixed_source=cache",
+                      "loss.cache_refresh_steps=100"],
+    "triplet": ["loss.loss=triplet", "loss.random_negatives=1"],
+    "triplet_hard2": ["loss.loss=triplet", "loss.random_negatives=1", "loss.hard_negatives=2"],
+    "softmax_hard64": ["loss.logq=pipeline", "loss.hard_negatives=64"],
+}
+QUEUE_OR_MIXED = ("cbns_queue4096", "mns_tower256", "mns_cache1024")
+
+
+def build(name: str, overrides: list[str], args, corpus, ds):
+    import tensorflow as tf
+
+    from ebr import config as ebr_config
+    from trainer.config import TrainConfig
+    from trainer.model import UnifiedEmbeddingModel, make_optimizer
+
+    cfg = ebr_config.load(TrainConfig, None, [f"batch_size={args.batch_size}",
+                                              f"seed={args.seed}", *MODEL, *overrides])
+    tf.keras.utils.set_random_seed(args.seed)
+    model = UnifiedEmbeddingModel(cfg, corpus)
+    model.compile(optimizer=make_optimizer(cfg))
+    it = iter(ds)
+    model(next(it))
+    step = model.make_train_function()
+    for _ in range(3):  # trace + warm the queue / cache
+        step(it)
+    return model, step, it
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default="/tmp/ebr_bench_ml/examples_hash")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="intra/inter-op threads (cores)")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--output", default="")
+    args = parser.parse_args(argv)
+
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    from trainer import data
+    from trainer.corpus import load_corpus, load_frequencies
+
+    data_dir = Path(args.data)
+    if not (data_dir / "split.json").exists():
+        from bench.quality_movielens import prepare  # noqa: PLC0415
+
+        data_dir = prepare(data_dir.parent, "hash")
+    corpus = load_corpus(str(data_dir / "corpus/documents-*.tfrecord.gz"))
+    load_frequencies(corpus, str(data_dir / "doc_frequencies-*.tsv"))
+    corpus.lookup_table()
+    n_batches = 40
+    ds = data.make_dataset(str(data_dir / "train/examples-*.tfrecord.gz"), args.batch_size,
+                           shuffle=True, seed=args.seed, drop_remainder=True, repeat=True)
+    ds = ds.take(n_batches).cache().repeat()
+
+    names = [v for v in args.variants.split(",") if v]
+    if "in_batch" not in names:
+        names.insert(0, "in_batch")
+    built = {}
+    for name in names:
+        print(f"building {name}", file=sys.stderr, flush=True)
+        built[name] = build(name, VARIANTS[name], args, corpus, ds)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(args.repeats):
+        for name in names:
+            _, step, it = built[name]
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                logs = step(it)
+            float(logs["loss"])  # wait for the last step
+            times[name].append(time.perf_counter() - t0)
+            print(f"repeat {rep + 1}/{args.repeats} {name}: {times[name][-1]:.2f}s",
+                  file=sys.stderr, flush=True)
+    examples = args.steps * args.batch_size
+    eps = {n: examples / statistics.median(t) for n, t in times.items()}
+    base = eps["in_batch"]
+    out = {
+        "batch_size": args.batch_size, "steps_per_repeat": args.steps, "repeats": args.repeats,
+        "threads": args.threads, "data": str(data_dir),
+        "examples_per_second": {n: round(v, 1) for n, v in eps.items()},
+        "overhead_vs_in_batch": {n: round(1 - v / base, 4) for n, v in eps.items()},
+        "seconds": {n: [round(x, 3) for x in t] for n, t in times.items()},
+        "overrides": {n: VARIANTS[n] for n in names},
+    }
+    out["queue_and_mixed_under_10pct"] = {n: out["overhead_vs_in_batch"][n] < 0.10
+                                          for n in QUEUE_OR_MIXED if n in eps}
+    text = json.dumps(out, indent=2)
+    if args.output:
+        Path(args.output).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

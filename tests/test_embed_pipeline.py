@@ -1,0 +1,151 @@
+"""`ebr embed` (beam_pipelines/embed.py): a real exported doc tower over a real corpus written by
+`ebr pipeline examples`; embeddings equal the tower's own output, filter terms follow the
+schema, bad corpus records are dead-lettered with their file, and a model of another schema
+or a missing model is refused before any run."""
+import gzip
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from beam_pipelines import embed, examples, split, tfrecords
+from ebr import cli, features
+from test_examples_pipeline import read_examples  # plain-Python TFRecord reader
+
+DIM = 16
+
+
+def _tiny_model_dir(model_dir: str, corpus_docs: list[dict], queries: list[dict]) -> str:
+    """Builds the two towers with the trainer's public functions, runs each once on real
+    inputs (creating the variables) and exports them with `trainer.export.export_towers`."""
+    import tensorflow as tf
+
+    from ebr import config as ebr_config
+    from serving.embedder import build_inputs
+    from trainer.config import TrainConfig
+    from trainer.export import export_towers
+    from trainer.model import UnifiedEmbeddingModel
+
+    tf.random.set_seed(0)
+    cfg = ebr_config.load(TrainConfig, None, [
+        f"model_dir={model_dir}", f"embedding_dim={DIM}", "feature_dim=8", "text_dim=8",
+        "hidden_units=16", "hash_bucket_cap=512", "text_char_buckets=512",
+        "text_word_buckets=512"])
+    model = UnifiedEmbeddingModel(cfg, corpus_size=len(corpus_docs))
+    docs = {k: tf.constant(v, tf.string) for k, v in embed.doc_inputs(corpus_docs[:4]).items()}
+    model.doc_tower(docs)
+    qs = {k: tf.constant(v, tf.string) for k, v in build_inputs(queries[:4]).items()}
+    model.query_tower(qs)
+    return export_towers(model, model_dir, 1)["doc_tower"]
+
+
+def _corpus_docs(out: str) -> list[dict]:
+    import glob
+
+    rows = read_examples(out, "corpus")
+    docs = []
+    for r in rows:
+        doc = {}
+        for name in features.DOC_INPUTS:
+            spec = features.BY_NAME[name]
+            vals = r.get(name, [])
+            doc[name] = list(vals) if spec.kind == features.MULTI else (vals[0] if vals else "")
+        docs.append(doc)
+    assert glob.glob(os.path.join(out, "corpus", "documents-*.tfrecord.gz"))
+    return docs
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    from ebr.datasets.social import generate_social
+
+    base = tmp_path_factory.mktemp("embed")
+    generate_social(base / "raw", documents=150, sessions=200, seed=3, progress=False)
+    out = str(base / "out")
+    examples.run(examples.ExamplesConfig(str(base / "raw"), out, split.SplitConfig()))
+    docs = _corpus_docs(out)
+    queries = [{"query": "john", "searcher_id": "u1", "searcher_friends": ["u2", "u3"]},
+               {"query": "", "history_doc_ids": ["p1"]}]
+    tower_path = _tiny_model_dir(str(base / "models"), docs, queries)
+
+    # The corpus plus one extra shard holding a record that is not an Example and an Example
+    # without doc_id: both must be dead-lettered, naming that file.
+    corpus = base / "corpus"
+    shutil.copytree(os.path.join(out, "corpus"), corpus)
+    bad_shard = str(corpus / "documents-bad-00000-of-00001.tfrecord.gz")
+    no_id = features.make_example({"doc_text": "nameless", "doc_type": "page"})
+    with gzip.open(bad_shard, "wb") as f:
+        f.write(tfrecords.frame([b"\xff\x00 definitely not a proto", no_id]))
+    emb_dir = str(base / "emb")
+    code = cli.main(["embed", "--model", str(base / "models" / "doc_tower"), "--corpus",
+                     str(corpus), "--output", emb_dir, "--batch-size", "64"])
+    assert code == 0
+    return base, docs, tower_path, bad_shard, emb_dir
+
+
+def test_embeddings_equal_the_towers_output(embedded):
+    from index.embeddings import read_embeddings
+    from trainer.export import load_tower
+
+    _, docs, tower_path, _, emb_dir = embedded
+    ids, X, terms, meta = read_embeddings(emb_dir)
+    assert sorted(ids) == sorted(d["doc_id"] for d in docs)
+    assert meta["dimension"] == DIM and meta["count"] == len(docs) == X.shape[0]
+    assert meta["schema_hash"] == features.schema_hash() and meta["model_version"] == 1
+    tower = load_tower(tower_path)
+    by_id = {d["doc_id"]: d for d in docs}
+    ordered = [by_id[i] for i in ids]
+    want = tower(embed.doc_inputs(ordered))
+    np.testing.assert_allclose(X, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(X, axis=1), 1.0, rtol=1e-4)
+    assert len({tuple(np.round(x, 5)) for x in X}) > len(X) // 2  # not one constant vector
+    for i, doc_id in enumerate(ids):
+        assert terms[i] == features.document_filter_terms(by_id[doc_id])
+    assert any(t.startswith("type:") for row in terms for t in row)
+
+
+def test_bad_corpus_records_are_dead_lettered_with_their_file(embedded):
+    _, docs, _, bad_shard, emb_dir = embedded
+    import glob
+
+    dead = [json.loads(line) for p in glob.glob(os.path.join(emb_dir, "dead_letter", "*.jsonl"))
+            for line in open(p) if line.strip()]
+    assert sorted(d["reason"] for d in dead) == sorted([embed.UNPARSABLE, embed.MISSING_DOC_ID])
+    assert all(d["file"] == bad_shard and d["detail"] for d in dead)
+    meta = json.load(open(os.path.join(emb_dir, "embeddings.json")))
+    assert meta["records_in"] == len(docs) + 2
+    assert meta["records_in"] == meta["count"] + meta["records_dead"]
+    assert not [p for p in os.listdir(os.path.dirname(emb_dir)) if ".tmp-" in p]
+
+
+def test_failing_document_is_isolated_from_its_batch(embedded):
+    """A batch whose inference fails is retried document by document: only the document that
+    fails on its own becomes a dead letter."""
+    _, docs, tower_path, _, _ = embedded
+    handler = embed.DocTowerHandler(tower_path, DIM, 8)
+    model = handler.load_model()
+    bad = dict(docs[0], doc_members=[["nested"]])  # not a string: fails alone and in any batch
+    batch = [docs[1], bad, docs[2]]
+    results = handler.run_inference(batch, model)
+    assert [isinstance(r.inference, str) for r in results] == [False, True, False]
+    np.testing.assert_allclose(results[0].inference, model([docs[1]])[0], rtol=1e-5, atol=1e-6)
+
+
+def test_model_of_another_schema_or_missing_is_refused(embedded, tmp_path):
+    base, _, tower_path, _, _ = embedded
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        embed.resolve_model(str(tmp_path / "nowhere"))
+    other = tmp_path / "doc_tower" / "7"
+    shutil.copytree(tower_path, other)
+    meta_path = other / "ebr_metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["schema_hash"] = "0000000000000000"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="schema_hash"):
+        embed.resolve_model(str(tmp_path / "doc_tower"))
+    path, meta = embed.resolve_model(str(base / "models" / "doc_tower"))
+    assert path.endswith("/doc_tower/1") and meta["version"] == 1
+    with pytest.raises(FileNotFoundError, match="no corpus files"):
+        embed.corpus_pattern(str(tmp_path))

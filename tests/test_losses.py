@@ -1,0 +1,345 @@
+"""RetrievalLoss: every loss variant, exact logQ / mixture corrections, masks, triplet margin,
+hard negatives, parity with tfrs.tasks.Retrieval, and cross-replica gathering."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+
+from trainer import negatives as neg
+from trainer.losses import MIN_FLOAT, LossConfig, RetrievalLoss
+
+B, D, CORPUS = 6, 4, 40
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _unit(rng, *shape):
+    x = rng.normal(size=shape).astype(np.float32)
+    return tf.constant(x / np.linalg.norm(x, axis=-1, keepdims=True))
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rng = np.random.default_rng(7)
+    return dict(
+        query_emb=_unit(rng, B, D), pos_emb=_unit(rng, B, D),
+        pos_ids=tf.constant(["a", "b", "c", "a", "d", "e"]),  # rows 0 and 3 share a document
+        pos_prob=tf.constant(rng.uniform(0.005, 0.05, B).astype(np.float32)),
+        extra_neg_emb=_unit(rng, B, 2, D),
+        extra_neg_ids=tf.constant([["x", ""], ["a", "y"], ["z", "w"], ["v", ""], ["d", "u"],
+                                   ["t", "s"]]),
+        mixed_emb=_unit(rng, 3, D), mixed_ids=tf.constant(["m1", "b", "m3"]),
+    )
+
+
+VARIANTS = {
+    "in_batch": dict(logq="none"),
+    "logq": dict(logq="pipeline"),
+    "streaming": dict(logq="streaming", estimator_buckets=1009),
+    "cbns": dict(queue_size=8, queue_warmup_steps=1),
+    "mns_tower": dict(mixed_negatives=3),
+    "mns_cache": dict(mixed_negatives=3, mixed_source="cache"),
+    "softmax_hard": dict(hard_negatives=2),
+    "triplet_random": dict(loss="triplet", random_negatives=2),
+    "triplet_hard": dict(loss="triplet", random_negatives=0, hard_negatives=2),
+    "mean": dict(reduction="mean", queue_size=4, queue_warmup_steps=0, mixed_negatives=3),
+}
+
+
+def _layer(**kw):
+    layer = RetrievalLoss(LossConfig(**kw), CORPUS, embedding_dim=D)
+    if layer.cache is not None:
+        rng = np.random.default_rng(1)
+        table = _unit(rng, CORPUS, D)
+        layer.cache.maybe_refresh(0, embed_fn=lambda r: tf.gather(table, r),
+                                  ids=tf.constant([f"c{i}" for i in range(CORPUS)]),
+                                  probs=tf.fill([CORPUS], 1.0 / CORPUS))
+    return layer
+
+
+def _inputs(batch, layer, extras=True):
+    kw = {k: batch[k] for k in ("query_emb", "pos_emb", "pos_ids", "pos_prob")}
+    if extras:
+        kw.update(extra_neg_emb=batch["extra_neg_emb"], extra_neg_ids=batch["extra_neg_ids"])
+    m = layer.needs_mixed_from_tower
+    if m:
+        kw.update(mixed_emb=batch["mixed_emb"][:m], mixed_ids=batch["mixed_ids"][:m])
+    return kw
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_each_loss_computes_and_has_gradients(batch, name):
+    layer = _layer(**VARIANTS[name])
+    kw = _inputs(batch, layer)
+    q, d, e = (tf.Variable(kw.pop(k)) for k in ("query_emb", "pos_emb", "extra_neg_emb"))
+    for _ in range(3):  # later steps use the queue / estimator state of earlier ones
+        with tf.GradientTape() as tape:
+            loss = layer(q, d, extra_neg_emb=e, training=True, **kw)
+        grads = tape.gradient(loss, [q, d, e])
+        assert np.isfinite(loss.numpy()) and loss.numpy() > 0
+        for g in grads[:2]:
+            assert g is not None and np.isfinite(g.numpy()).all() and np.abs(g.numpy()).sum() > 0
+    if layer.queue is not None:
+        assert int(layer.queue.count) == min(3 * B, layer.queue.size)
+    assert int(layer.step) == 3
+
+
+def test_in_batch_matches_tfrs_retrieval(batch):
+    """Same logits, masks and summed cross-entropy as tfrs.tasks.Retrieval (clip inactive)."""
+    layer = _layer(logq="pipeline", temperature=0.1)
+    kw = _inputs(batch, layer, extras=False)
+    ours = layer(**kw, training=False)
+    task = tfrs.tasks.Retrieval(temperature=0.1, remove_accidental_hits=True)
+    theirs = task(batch["query_emb"], batch["pos_emb"],
+                  candidate_sampling_probability=B * batch["pos_prob"],
+                  candidate_ids=batch["pos_ids"], compute_metrics=False)
+    np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-5)
+
+
+def _logits(layer, kw, training=False, **extra):
+    return {k: v.numpy() for k, v in layer.compute_logits(**kw, training=training, **extra).items()
+            if k != "pool"}
+
+
+def test_logq_changes_logits_by_exactly_log_q(batch):
+    base, corr = _layer(logq="none"), _layer(logq="pipeline")
+    kw = _inputs(batch, base)
+    a, b = _logits(base, kw), _logits(corr, kw)
+    p = batch["pos_prob"].numpy().astype(np.float64)
+    log_q = np.concatenate([np.log(B * p), np.zeros(2)])  # extra columns: q = 1
+    keep = a["valid"] | (a["labels"] > 0)
+    np.testing.assert_array_equal(a["valid"], b["valid"])
+    diff = (b["logits"] - a["logits"])[keep]
+    np.testing.assert_allclose(diff, -np.broadcast_to(log_q, a["logits"].shape)[keep], atol=2e-5)
+    np.testing.assert_allclose(b["log_q"][0], log_q, atol=1e-6)
+
+
+def test_mixture_correction_is_exactly_log_of_s_p_plus_m_over_corpus(batch):
+    base = _layer(logq="none", mixed_negatives=3)
+    corr = _layer(logq="pipeline", mixed_negatives=3)
+    kw = _inputs(batch, base, extras=False)
+    mixed_prob = tf.constant([0.0, 0.02, 0.001])
+    a = _logits(base, kw, mixed_prob=mixed_prob)
+    b = _logits(corr, kw, mixed_prob=mixed_prob)
+    p = np.concatenate([batch["pos_prob"].numpy(), mixed_prob.numpy()]).astype(np.float64)
+    q = B * p + 3 / CORPUS  # S = B stream columns, M = 3 uniform draws
+    keep = a["valid"] | (a["labels"] > 0)
+    np.testing.assert_allclose((b["logits"] - a["logits"])[keep],
+                               -np.broadcast_to(np.log(q), a["logits"].shape)[keep], atol=2e-5)
+    # The mixed doc "b" duplicates row 1's positive: accidental hit, masked.
+    assert not a["valid"][1, B + 1] and a["logits"][1, B + 1] == np.float32(MIN_FLOAT)
+
+
+def test_queue_entries_get_logq_and_count_in_s(batch):
+    base = _layer(logq="none", queue_size=8, queue_warmup_steps=0)
+    corr = _layer(logq="pipeline", queue_size=8, queue_warmup_steps=0)
+    kw = _inputs(batch, base, extras=False)
+    for layer in (base, corr):
+        layer(**kw, training=True)  # enqueues the 6 positives, step = 1
+        layer.step.assign(2)
+    a, b = _logits(base, kw, training=True), _logits(corr, kw, training=True)
+    s = B + B  # in-batch + 6 filled queue slots
+    p = batch["pos_prob"].numpy().astype(np.float64)
+    expect = np.concatenate([np.log(s * p), np.log(s * p), np.zeros(2)])  # 2 empty slots
+    keep = a["valid"] | (a["labels"] > 0)
+    assert keep[:, B + B:].sum() == 0  # unfilled slots masked for every row
+    np.testing.assert_allclose((b["logits"] - a["logits"])[keep],
+                               -np.broadcast_to(expect, a["logits"].shape)[keep], atol=2e-5)
+
+
+def test_streaming_logq_uses_estimator(batch):
+    layer = _layer(logq="streaming", estimator_buckets=1009)
+    base = _layer(logq="none")
+    kw = _inputs(batch, layer, extras=False)
+    layer(**kw, training=True)
+    est = layer.estimator.example_prob(neg.hash_ids(batch["pos_ids"]), B).numpy()
+    a, b = _logits(base, kw), _logits(layer, kw)
+    keep = a["valid"] | (a["labels"] > 0)
+    np.testing.assert_allclose((b["logits"] - a["logits"])[keep],
+                               -np.broadcast_to(np.log(B * est.astype(np.float64)),
+                                                a["logits"].shape)[keep], atol=2e-5)
+
+
+def test_accidental_hits_and_padding_masked(batch):
+    layer = _layer(logq="none")
+    out = _logits(layer, _inputs(batch, layer))
+    logits, valid = out["logits"], out["valid"]
+    # Rows 0 and 3 share doc "a": each masks the other's column, keeps its own label column.
+    assert not valid[0, 3] and not valid[3, 0]
+    assert logits[0, 3] == np.float32(MIN_FLOAT) and logits[0, 0] > MIN_FLOAT / 2
+    assert valid[0, 1] and valid[1, 0]
+    # Extra negatives: "a" for row 1 is fine (row 1's positive is "b"), "d" for row 4 is a hit,
+    # "" is padding.
+    assert valid[1, B] and not valid[4, B] and not valid[0, B + 1] and not valid[3, B + 1]
+    off = _logits(_layer(logq="none", remove_accidental_hits=False), _inputs(batch, layer))
+    assert off["valid"][0, 3] and not off["valid"][0, B + 1]  # padding stays masked
+
+
+def test_queue_warmup_masks_queue_until_warm(batch):
+    layer = _layer(logq="none", queue_size=12, queue_warmup_steps=2)
+    kw = _inputs(batch, layer, extras=False)
+    for step in (1, 2, 3):
+        layer(**kw, training=True)
+        out = _logits(layer, kw, training=True)
+        queue_cols = out["valid"][:, B:B + 12]
+        assert queue_cols.any() == (step > 2), step
+    # Eval calls neither use nor change the queue.
+    count = int(layer.queue.count)
+    layer(**kw, training=False)
+    assert int(layer.queue.count) == count and int(layer.step) == 3
+
+
+def test_extra_negatives_are_per_query_columns(batch):
+    layer = _layer(logq="none", temperature=0.5)
+    out = _logits(layer, _inputs(batch, layer))
+    e = batch["extra_neg_emb"].numpy()
+    qe = batch["query_emb"].numpy()
+    expect = np.einsum("bd,bkd->bk", qe, e) / 0.5
+    valid = out["valid"][:, B:]
+    np.testing.assert_allclose(out["logits"][:, B:][valid], expect[valid], rtol=1e-5)
+
+
+def test_softmax_hard_negatives_keep_positive_and_k_hardest(batch):
+    layer = _layer(logq="none", hard_negatives=2)
+    kw = _inputs(batch, layer)
+    loss = layer(**kw, training=False).numpy()
+    out = _logits(layer, kw)
+    total = 0.0
+    for i in range(B):
+        cand = np.where(out["valid"][i])[0]
+        hard = cand[np.argsort(-out["logits"][i, cand])[:2]]
+        row = out["logits"][i, np.concatenate([[i], hard])].astype(np.float64)
+        total += -row[0] + np.log(np.exp(row - row.max()).sum()) + row.max()
+    np.testing.assert_allclose(loss, total, rtol=1e-5)
+
+
+def _vec(deg):
+    return [np.cos(np.radians(deg)), np.sin(np.radians(deg))]
+
+
+def test_triplet_margin_hand_computed():
+    # Row 0: query at 0 deg, positive at 60 deg (D+ = 1 - .5), negative = row 1's doc at 90 deg
+    # (D- = 1). Row 1: query at 90, positive at 90 (D+ = 0), negative at 60 (D- = 1 - cos 30).
+    q = tf.constant([_vec(0), _vec(90)], tf.float32)
+    d = tf.constant([_vec(60), _vec(90)], tf.float32)
+    ids, p = tf.constant(["p", "r"]), tf.constant([0.1, 0.1])
+    d_neg_1 = 1 - np.cos(np.radians(30))  # 0.1340
+    for margin, expect in [(0.1, 0.0), (0.2, 0.2 - d_neg_1), (0.6, 0.1 + 0.6 - d_neg_1),
+                           (1.0, 0.5 + 1.0 - d_neg_1)]:
+        # row 0: max(0, .5 - 1 + m); row 1: max(0, 0 - d_neg_1 + m)
+        layer = RetrievalLoss(LossConfig(loss="triplet", margin=margin, random_negatives=1), 10)
+        got = layer(q, d, ids, p, training=True).numpy()
+        np.testing.assert_allclose(got, expect, atol=1e-6)
+    # Unnormalised inputs give the same cosine distances.
+    layer = RetrievalLoss(LossConfig(loss="triplet", margin=0.6), 10)
+    np.testing.assert_allclose(layer(q * 3, d * 0.5, ids, p).numpy(), 0.1 + 0.6 - d_neg_1,
+                               atol=1e-6)
+
+
+def test_triplet_online_hard_negatives_use_k_hardest():
+    # Docs at 0, 10, 20, 50, 80 deg, each query on its own doc (D+ = 0), so a negative at angle
+    # a from the query adds max(0, m - (1 - cos a)); with m = .3 only neighbours within ~45 deg
+    # count, and the k hardest are the k nearest other docs.
+    angles = np.array([0, 10, 20, 50, 80])
+    q = tf.constant([_vec(a) for a in angles], tf.float32)
+    ids, p = tf.constant(["a", "b", "c", "d", "e"]), tf.fill([5], 0.1)
+    m = 0.3
+    for k in (1, 2, 3):
+        layer = RetrievalLoss(LossConfig(loss="triplet", margin=m, random_negatives=0,
+                                         hard_negatives=k), 10)
+        got = layer(q, q, ids, p, training=False).numpy()
+        expect = 0.0
+        for i, a in enumerate(angles):
+            others = np.sort(np.abs(np.delete(angles, i) - a))[:k]  # k nearest = k hardest
+            expect += np.maximum(0, m - (1 - np.cos(np.radians(others)))).sum()
+        np.testing.assert_allclose(got, expect, atol=1e-5)
+    # Row 0 alone, by hand: k=2 -> neighbours at 10 and 20 deg.
+    by_hand = (m - (1 - np.cos(np.radians(10)))) + (m - (1 - np.cos(np.radians(20))))
+    assert by_hand > 0.5
+
+
+_DIST_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import ebr, numpy as np, tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    from trainer.losses import LossConfig, RetrievalLoss
+
+    B, D, M, C = 4, 8, 2, 50
+    rng = np.random.default_rng(3)
+    unit = lambda *s: (lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True))(
+        rng.normal(size=s).astype(np.float32))
+    steps = [dict(q=unit(2 * B, D), d=unit(2 * B, D), e=unit(2 * B, 2, D), m=unit(2 * M, D),
+                  ids=np.array([b"a", b"b", b"c", b"d", b"e", b"a", b"g", b"c"]),
+                  eids=np.array([[b"x", b""]] * 2 * B), mids=np.array([b"u", b"b", b"w", b"z"]),
+                  p=rng.uniform(0.01, 0.1, 2 * B).astype(np.float32)) for _ in range(2)]
+    configs = {  # in-batch + queue + mixed gathered together; triplet; streaming + hard
+        "logq_cbns_mns": dict(logq="pipeline", queue_size=16, queue_warmup_steps=0,
+                              mixed_negatives=M),
+        "triplet_hard": dict(loss="triplet", random_negatives=0, hard_negatives=2),
+        "streaming": dict(logq="streaming", estimator_buckets=1009, hard_negatives=3),
+    }
+
+    def run_step(layer, t, lo, hi, mlo, mhi):
+        q, d, e = (t[k][lo:hi] for k in "qde")
+        with tf.GradientTape() as tape:
+            tape.watch([q, d])
+            mixed = {}
+            if layer.needs_mixed_from_tower:
+                mixed = dict(mixed_emb=t["m"][mlo:mhi], mixed_ids=t["mids"][mlo:mhi])
+            loss = layer(q, d, t["ids"][lo:hi], t["p"][lo:hi],
+                         extra_neg_emb=e, extra_neg_ids=t["eids"][lo:hi],
+                         training=True, **mixed)
+        gq, gd = tape.gradient(loss, [q, d])
+        return loss, gq, gd
+
+    out = {}
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    for name, kw in configs.items():
+        single = RetrievalLoss(LossConfig(**kw), C, embedding_dim=D)
+        with strategy.scope():
+            dist = RetrievalLoss(LossConfig(**kw), C, embedding_dim=D)
+
+        @tf.function
+        def replicated(t):
+            def fn(t):
+                r = tf.distribute.get_replica_context().replica_id_in_sync_group
+                return run_step(dist, t, r * B, (r + 1) * B, r * M, (r + 1) * M)
+            return strategy.run(fn, args=(t,))
+
+        res = []
+        for x in steps:
+            t = {k: tf.constant(v) for k, v in x.items()}
+            l1, gq1, gd1 = run_step(single, t, 0, 2 * B, 0, 2 * M)
+            l2, gq2, gd2 = replicated(t)
+            local = strategy.experimental_local_results
+            l2 = sum(float(v) for v in local(l2))
+            gq2 = np.concatenate([v.numpy() for v in local(gq2)])
+            gd2 = np.concatenate([v.numpy() for v in local(gd2)])
+            res.append(dict(single=float(l1), dist=l2,
+                            gq=float(np.abs(gq1.numpy() - gq2).max()),
+                            gd=float(np.abs(gd1.numpy() - gd2).max())))
+        out[name] = res
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_cross_replica_gather_equals_single_replica_on_global_batch():
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, "-c", _DIST_SCRIPT], capture_output=True, text=True,
+                          env=env, timeout=240, cwd=ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    result = json.loads(lines[0][len("RESULT"):])
+    assert set(result) == {"logq_cbns_mns", "triplet_hard", "streaming"}
+    for name, steps in result.items():
+        for r in steps:
+            assert r["single"] > 0, (name, r)
+            np.testing.assert_allclose(r["dist"], r["single"], rtol=1e-5, err_msg=name)
+            assert r["gq"] < 1e-4 and r["gd"] < 1e-4, (name, r)

@@ -1,0 +1,318 @@
+"""Trainer: featurisation, towers, input, losses wired into the model, the training job
+(hypertune, TensorBoard, evaluation protocols), resume after a kill and bad input."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+sys.path.insert(0, os.path.dirname(__file__))
+import trainer_fixtures as tfx  # noqa: E402
+
+from ebr import features  # noqa: E402
+from trainer import data, featurize, task  # noqa: E402
+from trainer.corpus import load_corpus  # noqa: E402
+from trainer.model import UnifiedEmbeddingModel  # noqa: E402
+from trainer.towers import build_towers  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """The real upstream: `ebr data social` -> `ebr pipeline examples` (docs/contracts.md s.2)."""
+    from ebr import cli
+
+    root = tmp_path_factory.mktemp("social")
+    assert cli.main(["data", "social", "--out", str(root / "raw"), "--documents", "400",
+                     "--sessions", "2500", "--seed", "3"]) == 0
+    assert cli.main(["pipeline", "examples", "--input", str(root / "raw"), "--output", str(root / "out")]) == 0
+    return str(root / "out")
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+    model_dir = str(tmp_path_factory.mktemp("model"))
+    hp = str(tmp_path_factory.mktemp("hp") / "output.metrics")
+    os.environ["CLOUD_ML_HP_METRIC_FILE"] = hp
+    try:
+        result = task.train(tfx.tiny_config(dataset, model_dir, "epochs=3"))
+    finally:
+        del os.environ["CLOUD_ML_HP_METRIC_FILE"]
+    return result, model_dir, hp
+
+
+def _batch(data_dir, n=8, pattern="train/examples-*.tfrecord.gz"):
+    ds = data.make_dataset(os.path.join(data_dir, pattern), n, shuffle=False)
+    return next(iter(ds))
+
+
+# --------------------------------------------------------------------------- featurisation
+
+
+def test_char_trigrams_have_word_boundaries_and_unicode_lowercase():
+    words = featurize.words(tf.constant(["  Héllo\tWORLD  ", "", "   "]))
+    assert words.to_list() == [["héllo".encode(), b"world"], [], []]
+    grams = featurize.char_ngrams(words).to_list()[0]
+    assert grams[:5] == [g.encode() for g in ["#hé", "hél", "éll", "llo", "lo#"]]
+    assert b"#wo" in grams and b"ld#" in grams
+    assert featurize.word_ngrams(words).to_list()[0] == ["héllo".encode(), b"world", "héllo world".encode()]
+    chars, grams = featurize.text_ids(tf.constant(["a b", ""]), 50, 60)
+    assert chars.row_lengths().numpy().tolist() == [2, 0] and grams.row_lengths().numpy().tolist() == [3, 0]
+    assert int(tf.reduce_max(chars.flat_values)) < 50 and int(tf.reduce_max(grams.flat_values)) < 60
+
+
+def test_in_graph_normalisation_matches_python_twin():
+    texts = ["Ünïcode  TEXT\n here", " a\t\tb ", "", "ΣΊΣΥΦΟΣ x"]
+    got = [t.decode() for t in featurize.normalize(tf.constant(texts)).numpy()]
+    assert got == [features.normalize_text(t) for t in texts]
+
+
+# --------------------------------------------------------------------------- towers
+
+
+def _query_inputs(batch):
+    return {k: batch[k] for k in features.QUERY_INPUTS}
+
+
+def test_towers_share_schema_tables_and_normalise(dataset):
+    config = tfx.tiny_config(dataset, "/unused")
+    q, d = build_towers(config)
+    assert q.tables["searcher_friends"] is d.tables["doc_members"]  # the "entity" table
+    assert q.tables["history_doc_ids"] is d.tables["doc_id"]
+    assert q.tables["searcher_city"] is d.tables["doc_city"]
+    assert q.text is d.text
+    assert q.tables["searcher_attributes"] is not d.tables["doc_attributes"]
+    batch = _batch(dataset)
+    qe, de = q(q.select(batch)).numpy(), d(d.select(batch)).numpy()
+    assert qe.shape == (8, 16) and de.shape == (8, 16)
+    np.testing.assert_allclose(np.linalg.norm(qe, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(de, axis=1), 1.0, rtol=1e-5)
+    # The same entity lands on the same row from both sides.
+    ent = q.tables["searcher_friends"]
+    a, _ = ent(tf.constant([["p17"]]))
+    b, _ = d.tables["doc_members"](tf.constant([["p17"]]))
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+    q2, d2 = build_towers(tfx.tiny_config(dataset, "/unused", "share_text_tables=false"))
+    assert q2.text is not d2.text
+
+
+def test_empty_query_text_and_empty_multi_values_work(dataset):
+    q, _ = build_towers(tfx.tiny_config(dataset, "/unused"))
+    batch = _query_inputs(_batch(dataset, 4))
+    batch["query"] = tf.constant(["", "", " ", ""])
+    batch["history_doc_ids"] = tf.fill([4, 3], "")
+    batch["searcher_friends"] = tf.fill([4, 1], "")
+    out = q(batch).numpy()
+    assert np.all(np.isfinite(out))
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+
+
+def test_history_attention_uses_query_text(dataset):
+    q, _ = build_towers(tfx.tiny_config(dataset, "/unused"))
+    batch = _query_inputs(_batch(dataset, 2))
+    batch["history_doc_ids"] = tf.constant([["d1", "d2", "d3"], ["d1", "d2", "d3"]])  # any strings
+    batch["query"] = tf.constant(["music club", "chess club"])
+    emb, mask = q.tables["history_doc_ids"](batch["history_doc_ids"])
+    text = q.text(batch["query"])
+    pooled = q._attend(text, emb, mask).numpy()
+    assert not np.allclose(pooled[0], pooled[1])  # same history, different query text
+    no_history = q._attend(text, tf.zeros_like(emb), tf.zeros_like(mask)).numpy()
+    np.testing.assert_array_equal(no_history, 0.0)
+
+
+# --------------------------------------------------------------------------- input
+
+
+def test_parse_spec_comes_from_schema_and_multi_is_padded_dense(dataset):
+    spec = data.parse_spec()
+    assert set(spec) == {f.name for f in features.SCHEMA}
+    batch = _batch(dataset, 16)
+    assert batch["searcher_friends"].dtype == tf.string and batch["searcher_friends"].shape.rank == 2
+    assert batch["query"].shape == (16,) and batch["doc_sampling_prob"].dtype == tf.float32
+    assert batch["negative_doc_ids"].shape[1] >= 1  # no negatives -> one "" column
+    assert float(tf.reduce_min(batch["doc_sampling_prob"])) > 0
+
+
+def test_positive_rank_protocols():
+    from trainer.evaluate import positive_rank
+
+    scores = np.array([0.9, 0.5, 0.7, 0.7, 0.1])
+    assert positive_rank(scores, 2) == (2, 2)  # 0.9 above, the 0.7 tie counts against
+    assert positive_rank(scores, 2, [0, 2]) == (2, 1)  # training doc 0 removed, positive kept
+    assert positive_rank(scores, 0, [1, 3, 4]) == (0, 0)
+    assert positive_rank(scores, 4, [0, 0, 1]) == (4, 2)
+
+
+def test_corrupt_tfrecord_error_names_the_file(dataset, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "data"
+    shutil.copytree(dataset, bad)
+    victim = sorted((bad / "train").glob("*.tfrecord.gz"))[-1]
+    raw = victim.read_bytes()
+    victim.write_bytes(raw[: len(raw) // 2] + b"\x00garbage" * 50)
+    where = data.locate_bad_record(sorted(str(p) for p in (bad / "train").glob("*.tfrecord.gz")))
+    assert where is not None and str(victim) in where and "corrupted record" in where
+    # A record that is not a tf.train.Example: named by file and record number.
+    odd = tmp_path / "odd.tfrecord.gz"
+    with tf.io.TFRecordWriter(str(odd), options="GZIP") as w:
+        for i in range(700):
+            w.write(features.make_example({"query": "q", "doc_id": f"d{i}"}))
+        w.write(b"not an example")
+    assert data.locate_bad_record([str(odd)]) == (
+        f"{odd}: record 700: Could not parse example input, value: 'not an example'")
+    # The job's entry point (`python -m trainer.task` = sys.exit(main(argv))), in process.
+    code = task.main(tfx.task_command(str(bad), str(tmp_path / "model"), "epochs=1", "steps_per_epoch=3")[3:])
+    err = capsys.readouterr().err
+    assert code == task.EXIT_BAD_INPUT, err[-2000:]
+    assert str(victim) in err and "corrupt" in err and "Traceback" not in err
+
+
+def test_missing_data_and_bad_config_exit_with_clear_message(tmp_path, capsys):
+    code = task.main(tfx.task_command(str(tmp_path / "nowhere"), str(tmp_path / "m"), "optimizer=rmsprop")[3:])
+    assert code == task.EXIT_BAD_INPUT and "optimizer" in capsys.readouterr().err
+    code = task.main(tfx.task_command(str(tmp_path / "nowhere"), str(tmp_path / "m"))[3:])
+    assert code == task.EXIT_BAD_INPUT and "nowhere" in capsys.readouterr().err
+    code = task.main(tfx.task_command(str(tmp_path), "", "epochs=1")[3:])
+    assert code == task.EXIT_BAD_INPUT and "AIP_MODEL_DIR" in capsys.readouterr().err
+    bad_config = tmp_path / "train.yaml"
+    bad_config.write_text("epochs: 2\nlos:\n  temperature: 0.1\n")
+    code = task.main(["--config", str(bad_config), "--data-dir", str(tmp_path), "--model-dir", str(tmp_path)])
+    assert code == task.EXIT_BAD_INPUT and "unknown key(s) ['los']" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- model + losses
+
+
+def test_extra_negatives_and_mixed_negatives_reach_the_loss(tmp_path):
+    out = str(tmp_path / "data")
+    tfx.write_dataset(out, n_examples=200, negatives=3)
+    corpus = load_corpus(os.path.join(out, "corpus/*.tfrecord.gz"))
+    batch = _batch(out, 16)
+    assert bool(tf.reduce_any(batch["negative_doc_ids"] != b""))
+    extra = UnifiedEmbeddingModel(tfx.tiny_config(out, "/unused"), corpus, extra_negatives=True)
+    without = {k: v for k, v in batch.items() if k != "negative_doc_ids"}
+    base = float(extra.compute_loss(without, training=False))
+    with_extra = float(extra.compute_loss(batch, training=False))
+    assert with_extra > base  # more negatives in every row's softmax
+    # Unknown negative ids are padding: same loss as without them.
+    unknown = dict(batch, negative_doc_ids=tf.fill(tf.shape(batch["negative_doc_ids"]), "nope"))
+    np.testing.assert_allclose(float(extra.compute_loss(unknown, training=False)), base, rtol=1e-5)
+    mixed = UnifiedEmbeddingModel(tfx.tiny_config(out, "/unused", "loss.mixed_negatives=8"), corpus)
+    assert mixed.mixed_from_tower == 8
+    q, p = mixed(without)
+    alone = float(mixed.loss_layer(q, p, batch["doc_id"], batch["doc_sampling_prob"], training=False))
+    assert float(mixed.compute_loss(without, training=False)) > alone
+
+
+def test_cache_mixed_negatives_and_queue_refresh_during_fit(dataset):
+    from trainer.model import make_optimizer
+
+    config = tfx.tiny_config(dataset, "/unused", "loss.mixed_negatives=16", "loss.mixed_source=cache",
+                             "loss.cache_refresh_steps=2", "loss.queue_size=128", "loss.queue_warmup_steps=1")
+    corpus = load_corpus(os.path.join(dataset, config.corpus_pattern))
+    model = UnifiedEmbeddingModel(config, corpus)
+    assert model.mixed_from_tower == 0 and model.loss_layer.cache is not None
+    model.compile(optimizer=make_optimizer(config))
+    ds = data.make_dataset(os.path.join(dataset, config.train_pattern), 32, repeat=True, drop_remainder=True)
+    history = model.fit(ds, epochs=1, steps_per_epoch=5, verbose=0)
+    assert np.isfinite(history.history["loss"][-1])
+    cache = model.loss_layer.cache
+    assert int(cache.refreshed_at.numpy()) == 4  # refreshed at steps 0, 2, 4 inside the train step
+    assert int(model.loss_layer.queue.count.numpy()) == 128
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def test_training_learns_and_reports(trained, dataset):
+    result, model_dir, hp = trained
+    ev = result["metrics"]["eval"]
+    assert set(ev["protocols"]) == {"all", "exclude_train"}
+    n_docs = ev["corpus_size"]
+    # Random recall@10 is 10 / corpus size; the model must do far better.
+    assert ev["protocols"]["all"]["recall_at_10"] > 5 * 10 / n_docs
+    assert ev["protocols"]["exclude_train"]["recall_at_10"] >= ev["protocols"]["all"]["recall_at_10"]
+    assert ev["protocols"]["all"]["recall_at_500"] == 1.0 and n_docs == 400
+    assert ev["split"]["method"] == "hash" and ev["split"]["split_file"] and ev["split"]["eval_files"]
+    # cloudml-hypertune format: JSON lines with the tag, value and global step as strings.
+    lines = [json.loads(line) for line in open(hp)]
+    assert lines[-1]["recall_at_100"] == str(ev["protocols"]["all"]["recall_at_100"])
+    assert lines[-1]["global_step"] == str(result["steps"]) and lines[-1]["trial"] == "0"
+    assert "timestamp" in lines[-1]
+    logs = os.path.join(model_dir, "logs")
+    assert any(f.startswith("events.out.tfevents") for _, _, fs in os.walk(logs) for f in fs)
+    assert not os.path.exists(os.path.join(model_dir, "checkpoints", "backup"))  # deleted on success
+    assert os.path.exists(os.path.join(model_dir, "checkpoints", "final", "ckpt.index"))
+
+
+def test_cluster_spec_becomes_tf_config(monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", "")  # recorded, so the TF_CONFIG written below is undone
+    monkeypatch.delenv("TF_CONFIG")
+    monkeypatch.setenv("CLUSTER_SPEC", json.dumps({
+        "cluster": {"workerpool0": ["a:2222"], "workerpool1": ["b:2222", "c:2222"]},
+        "task": {"type": "workerpool1", "index": 1}}))
+    cfg = task.cluster_from_env()
+    assert cfg == {"cluster": {"chief": ["a:2222"], "worker": ["b:2222", "c:2222"]},
+                   "task": {"type": "worker", "index": 1}}
+    assert json.loads(os.environ["TF_CONFIG"]) == cfg and not task.is_chief(cfg)
+    assert task.is_chief({"cluster": {"worker": ["x", "y"]}, "task": {"type": "worker", "index": 0}})
+
+
+def test_vertex_env_paths(monkeypatch, tmp_path):
+    monkeypatch.setenv("AIP_MODEL_DIR", str(tmp_path / "m"))
+    monkeypatch.setenv("AIP_CHECKPOINT_DIR", str(tmp_path / "c"))
+    monkeypatch.setenv("AIP_TENSORBOARD_LOG_DIR", str(tmp_path / "t"))
+    cfg = task.resolve_paths(tfx.tiny_config("/data", ""))
+    assert (cfg.model_dir, cfg.checkpoint_dir, cfg.tensorboard_dir) == (
+        str(tmp_path / "m"), str(tmp_path / "c"), str(tmp_path / "t"))
+    # Vertex hyperparameter tuning passes trial values as --name=value flags.
+    parser = __import__("argparse").ArgumentParser()
+    task.add_arguments(parser)
+    args, extra = parser.parse_known_args(["--data-dir", "/d", "--learning_rate=0.5", "--loss.temperature", "0.1"])
+    cfg = task.config_from_args(args, extra)
+    assert (cfg.learning_rate, cfg.loss.temperature, cfg.data_dir) == (0.5, 0.1, "/d")
+
+
+def test_nan_loss_stops_the_run_with_nonzero_exit(dataset, tmp_path, capsys):
+    from ebr import cli
+
+    # Through `ebr train` (same flags as `python -m trainer.task`).
+    code = cli.main(["train"] + tfx.task_command(dataset, str(tmp_path / "m"), "optimizer=sgd",
+                                                 "learning_rate=1e38", "epochs=1", "steps_per_epoch=20")[3:])
+    err = capsys.readouterr().err
+    assert code == task.EXIT_NAN, err[-2000:]
+    assert "loss became nan" in err and "TerminateOnNaN" in err
+    assert not os.path.exists(tmp_path / "m" / "query_tower")  # nothing exported
+
+
+def test_resume_after_kill(dataset, tmp_path):
+    model_dir = tmp_path / "m"
+    cmd = tfx.task_command(dataset, str(model_dir), "epochs=2", "steps_per_epoch=100",
+                           "checkpoint_every_steps=10") + ["--output", str(tmp_path / "r.json")]
+    backup = model_dir / "checkpoints" / "backup"
+    proc = subprocess.Popen(cmd, env=tfx.subprocess_env(), cwd=tfx.REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 150
+    while time.time() < deadline and proc.poll() is None:
+        # "checkpoint" is written after the checkpoint's data: a complete backup exists.
+        if backup.exists() and any(p.name == "checkpoint" for p in backup.rglob("*")):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "training finished (or died) before it could be killed: " + proc.stderr.read()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert not (model_dir / "query_tower").exists()
+    proc = subprocess.run(cmd, env=tfx.subprocess_env(), cwd=tfx.REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["resumed_from_step"] >= 10 and result["resumed_from_step"] % 10 == 0
+    assert result["steps"] == 200  # finished the run, not restarted it
+    assert "resumed from backup at step" in proc.stderr

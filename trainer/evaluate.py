@@ -1,0 +1,156 @@
+"""Offline evaluation (`ebr evaluate`): recall@K by exact search over the full corpus.
+
+Every held-out example's query is embedded by the query tower, scored against the embedding of
+every corpus document and the positive's rank counted (ties count against it). Two protocols:
+`all` ranks the held-out document among every document (the TFRS tutorial metric); `exclude_train`
+first removes the searcher's training documents other than the positive (the usual offline
+protocol for recommendation data such as MovieLens). The split used (`OUT/split.json` and the
+files read) is written with the numbers so other tools can reproduce it.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+
+import numpy as np
+import tensorflow as tf
+
+from ebr import features
+from trainer import data
+from trainer.corpus import Corpus, load_corpus
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KS = (10, 50, 100, 500)
+_SCORE_BUDGET = 16_000_000  # query x document scores held at once (64 MB of float32)
+
+
+def _towers(model_or_query_tower_path, doc_tower_path: str | None):
+    """(query callable, doc callable, description) from a model object or an export path."""
+    if isinstance(model_or_query_tower_path, (str, os.PathLike)):
+        from trainer.export import load_tower
+
+        qpath = os.fspath(model_or_query_tower_path)
+        query = load_tower(qpath)
+        if doc_tower_path is None:
+            # BASE/query_tower[/VERSION] -> BASE/doc_tower[/same VERSION]
+            base, version = os.path.split(query.path)
+            doc_tower_path = os.path.join(os.path.dirname(base), "doc_tower", version)
+        doc = load_tower(doc_tower_path)
+        if query.dimension != doc.dimension or query.metadata.get("version") != doc.metadata.get("version"):
+            raise ValueError(f"{query.path} and {doc.path} are not from the same export "
+                             f"(dimension/version differ)")
+        return query, doc, {"query_tower": query.path, "doc_tower": doc.path}
+    model = model_or_query_tower_path
+    q = tf.function(lambda x: model.query_tower(model.query_tower.select(x), training=False),
+                    reduce_retracing=True)
+    d = tf.function(lambda x: model.doc_tower(model.doc_tower.select(x), training=False),
+                    reduce_retracing=True)
+    return q, d, {"model": "in-memory"}
+
+
+def training_items(pattern: str) -> dict[str, set[str]]:
+    """searcher_id -> documents clicked in the training split."""
+    items: dict[str, set[str]] = defaultdict(set)
+    files = data.list_files(pattern)
+    ds = data.make_dataset(files, 8192, shuffle=False, names=("searcher_id", "doc_id"))
+    with data.named_errors(files):
+        for batch in ds:
+            for s, d in zip(batch["searcher_id"].numpy(), batch["doc_id"].numpy()):
+                items[s.decode()].add(d.decode())
+    return items
+
+
+def _read_split(data_dir: str | None) -> dict:
+    if not data_dir:
+        return {}
+    path = os.path.join(data_dir, "split.json")
+    if not os.path.exists(path):
+        return {"split_file": None}
+    with open(path) as f:
+        return {"split_file": path, **json.load(f)}
+
+
+def positive_rank(scores: np.ndarray, row: int, excluded_rows=None) -> tuple[int, int]:
+    """0-based rank of document `row` among `scores` [N] (ties count against it), and its rank
+    once `excluded_rows` (the searcher's training documents; the positive itself is never
+    excluded) are removed from the candidates."""
+    above = scores >= scores[row]
+    above[row] = False
+    rank = int(above.sum())
+    if not excluded_rows:
+        return rank, rank
+    rows = np.unique(np.asarray([r for r in excluded_rows if r != row], dtype=np.int64))
+    return rank, rank - int(above[rows].sum()) if len(rows) else rank
+
+
+def evaluate(model_or_query_tower_path, *, eval_pattern: str, corpus: Corpus | str,
+             doc_tower_path: str | None = None, train_pattern: str | None = None,
+             ks=DEFAULT_KS, batch_size: int = 1024, data_dir: str | None = None,
+             output: str | None = None, max_examples: int = 0) -> dict:
+    """Recall@K of held-out examples (and the split used) as a dict; also written to `output`.
+
+    `model_or_query_tower_path`: a trained `UnifiedEmbeddingModel` or an exported
+    `BASE/query_tower[/VERSION]` (its doc tower is the sibling of the same version unless
+    `doc_tower_path` is given). `corpus`: a loaded `Corpus` or a corpus file pattern.
+    `train_pattern` enables the `exclude_train` protocol.
+    """
+    start = time.time()
+    ks = sorted(int(k) for k in ks)
+    query_fn, doc_fn, described = _towers(model_or_query_tower_path, doc_tower_path)
+    if not isinstance(corpus, Corpus):
+        corpus = load_corpus(corpus)
+    doc_emb = tf.constant(corpus.embed(
+        lambda x: doc_fn({n: x[n] for n in features.DOC_INPUTS}), batch_size=batch_size))
+    rows_per_chunk = max(1, _SCORE_BUDGET // len(corpus))
+    seen = training_items(train_pattern) if train_pattern else None
+    files = data.list_files(eval_pattern)
+    ds = data.make_dataset(files, batch_size, shuffle=False)
+    hits = {p: np.zeros(len(ks), np.int64) for p in (["all", "exclude_train"] if seen is not None else ["all"])}
+    n = missing = 0
+    with data.named_errors(files):
+        for batch in ds:
+            q = tf.convert_to_tensor(query_fn({k: batch[k] for k in features.QUERY_INPUTS}))
+            # Exact scores against the whole corpus, a few rows at a time (bounded memory).
+            scores = np.concatenate([tf.matmul(q[s:s + rows_per_chunk], doc_emb, transpose_b=True).numpy()
+                                     for s in range(0, int(q.shape[0]), rows_per_chunk)])
+            for i, doc_id in enumerate(batch["doc_id"].numpy()):
+                if max_examples and n >= max_examples:
+                    break
+                n += 1
+                row = corpus.row_of.get(doc_id.decode())
+                if row is None:
+                    missing += 1  # positive not in the corpus: a miss under every protocol
+                    continue
+                excluded = None
+                if seen is not None:
+                    searcher = batch["searcher_id"][i].numpy().decode()
+                    excluded = [corpus.row_of[d] for d in seen.get(searcher, ()) if d in corpus.row_of]
+                rank_all, rank_ex = positive_rank(scores[i], row, excluded)
+                hits["all"] += np.array([rank_all < k for k in ks])
+                if seen is not None:
+                    hits["exclude_train"] += np.array([rank_ex < k for k in ks])
+            if max_examples and n >= max_examples:
+                break
+    if n == 0:
+        raise ValueError(f"no evaluation examples in {eval_pattern}")
+    result = {
+        "protocols": {p: {f"recall_at_{k}": float(h[j] / n) for j, k in enumerate(ks)}
+                      for p, h in hits.items()},
+        "examples": n, "positives_missing_from_corpus": missing, "corpus_size": len(corpus),
+        "ks": ks, "split": {**_read_split(data_dir), "eval_files": files,
+                            "train_files": sorted(glob.glob(train_pattern)) if train_pattern else []},
+        **described, "seconds": round(time.time() - start, 3),
+    }
+    log.info("evaluation over %d examples, %d documents: %s", n, len(corpus), result["protocols"])
+    if output:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        tmp = output + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2, sort_keys=True)
+        os.replace(tmp, output)
+    return result

@@ -1,0 +1,360 @@
+"""Retrieval losses and negative sampling of the unified embedding model, as one Keras layer.
+
+The model runs both towers and hands the normalised embeddings to `RetrievalLoss`; the layer
+builds the candidate pool (in-batch positives of all replicas, CBNS memory queue, MNS mixed
+negatives, per-example extra negatives), applies temperature, logQ correction, accidental-hit
+and padding masks, and returns the scalar loss. State (queue, cache, frequency estimator, step
+counter) lives in `trainer.negatives` and is kept inside the layer between steps.
+
+Math (row i = query i of this replica, column j = candidate j, s_ij = <u_i, v_j>):
+
+Sampled softmax (`loss="softmax"`):
+
+    logit_ij = s_ij / T - log q_j
+    L_i      = -logit_ii + log sum_{j valid} exp(logit_ij)
+
+The positive of row i is column i: the pool starts with this replica's positives in batch order
+(other replicas' positives follow, `negatives.local_first`), then the queue, then mixed negatives,
+then the K per-example extra negatives of row i. A column is *invalid* for row i (logit set to
+TFRS's MIN_FLOAT) when it is padding (id ""), an unfilled or not-yet-warm queue slot, or an
+accidental hit: a column other than i whose document id equals row i's positive id.
+
+logQ correction (Yi et al. 2019; `logq="pipeline"|"streaming"`): q_j is the *expected number of
+copies of document j in the candidate pool* under the sampling that produced it:
+
+    q_j = S * p_j + M / |C|
+
+- S = number of stream-sampled columns = global batch size (all replicas) + the queue entries in
+  use. Every positive of the stream (in-batch or queued) was drawn with the per-example
+  probability p_j: with `logq="pipeline"` the pipeline's `doc_sampling_prob` (a doc's click
+  share; a missing / zero value is replaced by 1 / |C|); with `logq="streaming"` the
+  `StreamingFrequencyEstimator` estimate at this step.
+- M = number of mixed negatives (all replicas), each uniform over the corpus of |C| documents
+  (MNS, Yang et al. 2020); the term is absent without MNS.
+- The same q_j applies to every column holding document j (in-batch, queue or mixed), positive
+  included, since all come from the one mixed pool. Exactly `log(q_j)` is subtracted (after the
+  division by T); normalising q (e.g. by S + M) would shift every logit of a row by the same
+  constant, which the softmax ignores.
+- Per-example extra negatives (offline hard negatives, impressions) are not sampled from the
+  stream: each is present exactly once, q = 1, nothing is subtracted.
+
+Online hard negatives with softmax (`hard_negatives=k > 0`): only the positive and the k
+highest-logit valid columns of each row enter the softmax (`tfrs.layers.loss.HardNegativeMining`).
+
+Triplet loss (`loss="triplet"`, paper section 3.1), on cosine distance D(u, v) = 1 - cos(u, v):
+
+    L_i = sum_{n in N_i} max(0, D(u_i, v_i) - D(u_i, v_n) + m)
+
+N_i = `random_negatives` columns drawn uniformly among row i's valid pool columns (shuffled
+in-batch negatives) + the `hard_negatives` k highest-cosine valid pool columns (online hard
+negatives, paper section 6.1; k=2 was best) + all valid extra negatives of row i. No temperature or
+logQ: the margin works on raw distances.
+
+Reduction: `sum` over this replica's rows (as `tfrs.tasks.Retrieval`); `mean` divides by the
+global batch size, so summing replica gradients still gives the global mean.
+
+Why not `tfrs.tasks.Retrieval` itself: its `SamplingProbablityCorrection` clips the probability
+to [1e-6, 1], which breaks the exact correction for q_j = S * p_j > 1 (any popular document) and
+for rare documents of large corpora, and per-example extra columns ([B, K] logits) do not fit its
+shared-candidate matmul. The layer reproduces its logits, masking (MIN_FLOAT, labels eye(B, N))
+and summed cross-entropy exactly; tests check equality with it where the clip is inactive.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+
+from trainer import negatives as neg
+
+MIN_FLOAT = np.finfo(np.float32).min / 100.0  # TFRS's "minus infinity" for masked logits
+
+LOSSES = ("softmax", "triplet")
+LOGQ = ("none", "pipeline", "streaming")
+MIXED_SOURCES = ("tower", "cache")
+REDUCTIONS = ("sum", "mean")
+
+
+@dataclasses.dataclass
+class LossConfig:
+    loss: str = "softmax"  # softmax | triplet
+    temperature: float = 0.05  # softmax only; logits are cosine / temperature
+    logq: str = "pipeline"  # none | pipeline (doc_sampling_prob) | streaming (Yi et al.)
+    remove_accidental_hits: bool = True
+    # CBNS memory queue (0 = off)
+    queue_size: int = 0
+    queue_warmup_steps: int = 100
+    # MNS mixed negatives: per replica and step (0 = off), through the doc tower or the cache
+    mixed_negatives: int = 0
+    mixed_source: str = "tower"  # tower | cache
+    cache_size: int = 0  # 0 = min(corpus size, 65536)
+    cache_refresh_steps: int = 100
+    # Online hard negatives: triplet -> k hardest as negatives; softmax -> keep positive + k hardest
+    hard_negatives: int = 0
+    random_negatives: int = 1  # triplet only: uniformly drawn pool negatives per query
+    margin: float = 0.2  # triplet margin (paper: 0.1-0.3 depending on task)
+    # Streaming frequency estimator (logq=streaming)
+    estimator_buckets: int = 1 << 20
+    estimator_alpha: float = 0.05
+    estimator_hashes: int = 2
+    reduction: str = "sum"  # sum | mean
+    seed: int = 0
+
+    def __post_init__(self):
+        choices = {"loss": LOSSES, "logq": LOGQ, "mixed_source": MIXED_SOURCES,
+                   "reduction": REDUCTIONS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"loss.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"loss.temperature must be positive, got {self.temperature}")
+        for name in ("queue_size", "queue_warmup_steps", "mixed_negatives", "cache_size",
+                     "hard_negatives", "random_negatives"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+        if self.cache_refresh_steps <= 0:
+            raise ValueError(f"loss.cache_refresh_steps must be positive, got {self.cache_refresh_steps}")
+        if self.margin < 0:
+            raise ValueError(f"loss.margin must be >= 0, got {self.margin}")
+        if self.loss == "triplet" and self.random_negatives == 0 and self.hard_negatives == 0:
+            raise ValueError("triplet loss needs random_negatives > 0 or hard_negatives > 0")
+
+
+class RetrievalLoss(tf.keras.layers.Layer):
+    """Softmax / triplet retrieval loss over in-batch, queue, mixed and extra negatives.
+
+    Call: `loss = layer(query_emb [B, D], pos_emb [B, D], pos_ids [B] string, pos_prob [B],
+    extra_neg_emb=None [B, K, D], extra_neg_ids=None [B, K], mixed_emb=None [M, D],
+    mixed_ids=None [M], training=True)`. See the module docstring for the math.
+
+    `embedding_dim` is needed up front only for the MNS cache (the model calls
+    `cache.maybe_refresh` before the first loss call); the queue is otherwise built on first call.
+    """
+
+    def __init__(self, config: LossConfig, corpus_size: int, embedding_dim: int | None = None,
+                 name: str = "retrieval_loss"):
+        super().__init__(name=name, trainable=False)
+        if corpus_size <= 0:
+            raise ValueError(f"RetrievalLoss: corpus_size must be positive, got {corpus_size}")
+        self.config, self.corpus_size = config, int(corpus_size)
+        c = config
+        self.step = neg._state_weight(self, "step", [], tf.int64, "zeros")
+        self.queue: neg.MemoryQueue | None = None
+        self._cache: neg.EmbeddingCache | None = None
+        self.estimator = None
+        if c.logq == "streaming":
+            self.estimator = neg.StreamingFrequencyEstimator(
+                c.estimator_buckets, c.estimator_alpha, c.estimator_hashes,
+                initial_gap=self.corpus_size)
+        if c.mixed_negatives and c.mixed_source == "cache" and embedding_dim is None:
+            raise ValueError("RetrievalLoss: MNS from the embedding cache needs embedding_dim")
+        self._dim = None
+        if embedding_dim is not None:
+            self._build_state(int(embedding_dim))
+
+    # ------------------------------------------------------------------ state / interface
+
+    def _build_state(self, dim: int) -> None:
+        if self._dim is not None:
+            if dim != self._dim:
+                raise ValueError(f"RetrievalLoss built for dimension {self._dim}, got {dim}")
+            return
+        self._dim, c = dim, self.config
+        if c.queue_size:
+            self.queue = neg.MemoryQueue(c.queue_size, dim)
+        if c.mixed_negatives and c.mixed_source == "cache":
+            size = c.cache_size or min(self.corpus_size, 65536)
+            self._cache = neg.EmbeddingCache(size, dim, self.corpus_size, c.cache_refresh_steps,
+                                             c.seed)
+
+    def build(self, input_shape):
+        dim = tf.TensorShape(input_shape)[-1]
+        if dim is None:
+            raise ValueError("RetrievalLoss: the embedding dimension must be static")
+        self._build_state(int(dim))
+        super().build(input_shape)
+
+    @property
+    def needs_mixed_from_tower(self) -> int:
+        c = self.config
+        return c.mixed_negatives if c.mixed_negatives and c.mixed_source == "tower" else 0
+
+    @property
+    def cache(self) -> neg.EmbeddingCache | None:
+        return self._cache
+
+    # ------------------------------------------------------------------ candidate pool
+
+    def _stream_prob(self, p: tf.Tensor) -> tf.Tensor:
+        # A positive without a recorded probability (schema default 0) is taken as average.
+        p = tf.cast(p, tf.float32)
+        return tf.where(p > 0, p, 1.0 / self.corpus_size)
+
+    def _pool(self, pos_emb, pos_ids, pos_prob, mixed_emb, mixed_ids, mixed_prob, training):
+        """Shared candidate columns: dict(emb [N, D], ids [N], p [N], valid [N], S, M, ...)."""
+        c = self.config
+        b_local = tf.shape(pos_emb)[0]
+        g_emb = neg.gather_replicas(pos_emb)
+        g_ids = neg.gather_replicas(pos_ids)
+        g_p = neg.gather_replicas(self._stream_prob(pos_prob))
+        global_b = tf.shape(g_ids)[0]
+        embs = [neg.local_first(g_emb, b_local)]
+        ids = [neg.local_first(g_ids, b_local)]
+        ps = [neg.local_first(g_p, b_local)]
+        valid = [tf.ones([global_b], tf.bool)]
+        n_stream = tf.cast(global_b, tf.float32)
+        if self.queue is not None and training:
+            q_emb, q_ids, q_p, q_valid = self.queue.read()
+            active = self.step > c.queue_warmup_steps
+            q_valid = tf.logical_and(q_valid, active)
+            embs.append(q_emb), ids.append(q_ids), ps.append(q_p), valid.append(q_valid)
+            n_stream += tf.reduce_sum(tf.cast(q_valid, tf.float32))
+        n_mixed = tf.constant(0.0)
+        if c.mixed_negatives:
+            if mixed_emb is None and self._cache is not None and training:
+                m_global = c.mixed_negatives * neg.num_replicas()
+                # Same seed on every replica: all draw the same global set, no gather needed.
+                seed = tf.stack([tf.constant(c.seed + 1, tf.int64), self.step])
+                mixed_emb, mixed_ids, mixed_prob = self._cache.sample(m_global, seed=seed)
+            elif mixed_emb is not None:
+                mixed_emb = neg.gather_replicas(mixed_emb)
+                mixed_ids = neg.gather_replicas(neg.hash_ids(mixed_ids))
+                mixed_prob = None if mixed_prob is None else neg.gather_replicas(mixed_prob)
+            if mixed_emb is not None:
+                m = tf.shape(mixed_emb)[0]
+                mixed_ids = neg.hash_ids(mixed_ids)
+                embs.append(tf.cast(mixed_emb, pos_emb.dtype)), ids.append(mixed_ids)
+                # Stream probability of a uniformly drawn doc: known only if given (cache / kwarg).
+                ps.append(tf.zeros([m]) if mixed_prob is None else tf.cast(mixed_prob, tf.float32))
+                valid.append(mixed_ids != neg.PAD_ID)
+                n_mixed = tf.cast(m, tf.float32)
+        return dict(emb=tf.concat(embs, 0), ids=tf.concat(ids, 0), p=tf.concat(ps, 0),
+                    valid=tf.concat(valid, 0), n_stream=n_stream, n_mixed=n_mixed,
+                    global_b=global_b, canonical=(g_emb, g_ids, g_p))
+
+    def _log_q(self, pool) -> tf.Tensor:
+        """log q_j per shared column (module docstring); zeros with logq=none."""
+        c = self.config
+        if c.logq == "none":
+            return tf.zeros_like(pool["p"])
+        if c.logq == "streaming":
+            p = self.estimator.example_prob(pool["ids"], pool["global_b"])
+        else:
+            p = pool["p"]
+        q = pool["n_stream"] * p + pool["n_mixed"] / float(self.corpus_size)
+        # Padding columns (masked anyway) may have q = 0; keep their logits finite.
+        return tf.math.log(tf.where(q > 0, q, 1.0))
+
+    # ------------------------------------------------------------------ logits
+
+    def compute_logits(self, query_emb, pos_emb, pos_ids, pos_prob, extra_neg_emb=None,
+                       extra_neg_ids=None, mixed_emb=None, mixed_ids=None, training=True,
+                       mixed_prob=None) -> dict:
+        """Corrected, masked logits [B, N + K] with the positive of row i in column i.
+
+        Returns dict(logits, scores (cosine, unscaled), log_q [B, N + K], valid [B, N + K] (False
+        for masked columns and for the label column), labels [B, N + K] one-hot). Reads state,
+        never updates it.
+        """
+        c = self.config
+        query_emb = tf.convert_to_tensor(query_emb)
+        pos_emb = tf.cast(pos_emb, query_emb.dtype)
+        self._build_state(int(query_emb.shape[-1]))
+        pos_ids = neg.hash_ids(pos_ids)
+        pool = self._pool(pos_emb, pos_ids, pos_prob, mixed_emb, mixed_ids, mixed_prob, training)
+        b = tf.shape(query_emb)[0]
+        scores = tf.matmul(query_emb, pool["emb"], transpose_b=True)  # [B, N]
+        log_q = tf.broadcast_to(self._log_q(pool)[None, :], tf.shape(scores))
+        col_ids = tf.broadcast_to(pool["ids"][None, :], tf.shape(scores))
+        valid = tf.broadcast_to(pool["valid"][None, :], tf.shape(scores))
+        if extra_neg_emb is not None:
+            extra_neg_emb = tf.cast(extra_neg_emb, query_emb.dtype)
+            k = tf.shape(extra_neg_emb)[1]
+            e_scores = tf.einsum("bd,bkd->bk", query_emb, extra_neg_emb)
+            if extra_neg_ids is None:
+                e_ids = tf.zeros([b, k], tf.int64)  # unknown ids: never accidental hits
+                e_valid = tf.ones([b, k], tf.bool)
+            else:
+                e_ids = neg.hash_ids(extra_neg_ids)
+                e_valid = e_ids != neg.PAD_ID
+            scores = tf.concat([scores, e_scores], 1)
+            log_q = tf.concat([log_q, tf.zeros([b, k], log_q.dtype)], 1)
+            col_ids = tf.concat([col_ids, e_ids], 1)
+            valid = tf.concat([valid, e_valid], 1)
+        labels = tf.eye(b, tf.shape(scores)[1], dtype=scores.dtype)
+        is_label = labels > 0
+        if c.remove_accidental_hits:
+            hit = tf.logical_and(tf.equal(col_ids, pos_ids[:, None]), pos_ids[:, None] != neg.PAD_ID)
+            valid = tf.logical_and(valid, tf.logical_not(hit))
+        valid = tf.logical_and(valid, tf.logical_not(is_label))
+        logits = scores / c.temperature - tf.cast(log_q, scores.dtype)
+        logits = tf.where(tf.logical_or(valid, is_label), logits, tf.cast(MIN_FLOAT, scores.dtype))
+        return dict(logits=logits, scores=scores, log_q=log_q, valid=valid, labels=labels,
+                    pool=pool)
+
+    # ------------------------------------------------------------------ losses
+
+    def _softmax(self, out) -> tf.Tensor:
+        logits, labels = out["logits"], out["labels"]
+        if self.config.hard_negatives:
+            logits, labels = tfrs.layers.loss.HardNegativeMining(self.config.hard_negatives)(
+                logits, labels)
+        return tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+
+    def _triplet(self, out, n_shared) -> tf.Tensor:
+        c = self.config
+        cos = out["cos"]
+        valid = out["valid"]
+        cos_pos = tf.linalg.diag_part(cos)  # column i of row i
+        hinge = lambda cos_neg: tf.nn.relu(cos_neg - cos_pos[:, None] + c.margin)  # noqa: E731
+        shared_cos, shared_valid = cos[:, :n_shared], valid[:, :n_shared]
+        per_row = tf.zeros_like(cos_pos)
+        if c.random_negatives:
+            seed = tf.stack([tf.constant(c.seed + 2, tf.int64), self.step])
+            idx, ok = neg.select_random_negatives(shared_valid, c.random_negatives, seed)
+            per_row += tf.reduce_sum(tf.where(ok, hinge(tf.gather(shared_cos, idx, batch_dims=1)),
+                                              0.0), 1)
+        if c.hard_negatives:
+            idx, ok = neg.select_hard_negatives(shared_cos, shared_valid, c.hard_negatives)
+            per_row += tf.reduce_sum(tf.where(ok, hinge(tf.gather(shared_cos, idx, batch_dims=1)),
+                                              0.0), 1)
+        extra_cos, extra_valid = cos[:, n_shared:], valid[:, n_shared:]
+        per_row += tf.reduce_sum(tf.where(extra_valid, hinge(extra_cos), 0.0), 1)
+        return per_row
+
+    def call(self, query_emb, pos_emb, pos_ids, pos_prob, extra_neg_emb=None, extra_neg_ids=None,
+             mixed_emb=None, mixed_ids=None, training=True, mixed_prob=None, sample_weight=None):
+        c = self.config
+        training = bool(training)
+        query_emb = tf.convert_to_tensor(query_emb)
+        if training:
+            self.step.assign_add(1)
+        if training and self.estimator is not None:
+            # Canonical (replica-ordered) ids: every replica applies the identical update.
+            self.estimator.update(neg.gather_replicas(neg.hash_ids(pos_ids)), self.step)
+        out = self.compute_logits(query_emb, pos_emb, pos_ids, pos_prob, extra_neg_emb,
+                                  extra_neg_ids, mixed_emb, mixed_ids, training, mixed_prob)
+        pool = out["pool"]
+        if c.loss == "softmax":
+            per_row = self._softmax(out)
+        else:
+            n_shared = tf.shape(pool["ids"])[0]
+            cand = tf.math.l2_normalize(pool["emb"], -1)
+            qn = tf.math.l2_normalize(query_emb, -1)
+            cos = tf.matmul(qn, cand, transpose_b=True)
+            if extra_neg_emb is not None:
+                e = tf.math.l2_normalize(tf.cast(extra_neg_emb, qn.dtype), -1)
+                cos = tf.concat([cos, tf.einsum("bd,bkd->bk", qn, e)], 1)
+            out["cos"] = cos
+            per_row = self._triplet(out, n_shared)
+        if sample_weight is not None:
+            per_row = per_row * tf.cast(sample_weight, per_row.dtype)
+        loss = tf.reduce_sum(per_row)
+        if c.reduction == "mean":
+            loss = loss / tf.cast(pool["global_b"], loss.dtype)
+        if training and self.queue is not None:
+            g_emb, g_ids, g_p = pool["canonical"]
+            self.queue.enqueue(g_emb, g_ids, g_p)
+        return loss

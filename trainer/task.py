@@ -1,0 +1,340 @@
+"""The training job: `python -m trainer.task` (Vertex AI / Kubeflow) and `ebr train`.
+
+Flags and a config file -> `TrainConfig`; reads `OUT/train` TFRecords with tf.data, trains the
+unified embedding model under MultiWorkerMirroredStrategy when TF_CONFIG (or Vertex's
+CLUSTER_SPEC) names several workers, backs up every `checkpoint_every_steps` steps with Keras
+BackupAndRestore (a killed job resumes where it stopped), logs to TensorBoard, evaluates recall@K
+on `OUT/eval`, exports the towers (docs/contracts.md section 3) and reports the tuning metric in
+the cloudml-hypertune file format. Bad input and NaN losses end the job with a non-zero exit
+and a one-line reason.
+
+Vertex AI conventions: AIP_MODEL_DIR, AIP_CHECKPOINT_DIR, AIP_TENSORBOARD_LOG_DIR fill the
+config's empty paths; CLUSTER_SPEC is turned into TF_CONFIG when TF_CONFIG is absent.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # TensorFlow stays out of `ebr --help`
+    from trainer.config import TrainConfig
+
+log = logging.getLogger("trainer.task")
+
+EXIT_BAD_INPUT = 2
+EXIT_NAN = 3
+
+
+class TrainingError(RuntimeError):
+    """Training diverged (NaN / inf loss) or could not run."""
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def cluster_from_env() -> dict:
+    """TF_CONFIG as a dict; built from Vertex's CLUSTER_SPEC when only that is set."""
+    if os.environ.get("TF_CONFIG"):
+        try:
+            return json.loads(os.environ["TF_CONFIG"])
+        except json.JSONDecodeError as e:
+            raise ValueError(f"TF_CONFIG is not valid JSON: {e}") from None
+    spec = os.environ.get("CLUSTER_SPEC")
+    if not spec:
+        return {}
+    try:
+        spec = json.loads(spec)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"CLUSTER_SPEC is not valid JSON: {e}") from None
+    # Vertex: worker pool 0 is the chief, pool 1 the workers (pools 2/3: ps, evaluator).
+    roles = {"workerpool0": "chief", "workerpool1": "worker", "workerpool2": "ps",
+             "workerpool3": "evaluator"}
+    cluster = {roles[k]: v for k, v in spec.get("cluster", {}).items() if k in roles}
+    task = spec.get("task", {})
+    tf_config = {"cluster": cluster, "task": {"type": roles.get(task.get("type"), "chief"),
+                                              "index": int(task.get("index", 0))}}
+    os.environ["TF_CONFIG"] = json.dumps(tf_config)
+    return tf_config
+
+
+def is_chief(tf_config: dict) -> bool:
+    task = tf_config.get("task", {})
+    cluster = tf_config.get("cluster", {})
+    if not task:
+        return True
+    if task.get("type") == "chief":
+        return True
+    return task.get("type") == "worker" and int(task.get("index", 0)) == 0 and "chief" not in cluster
+
+
+def make_strategy(tf_config: dict):
+    import tensorflow as tf
+
+    n = sum(len(tf_config.get("cluster", {}).get(role, [])) for role in ("chief", "worker"))
+    if n > 1:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def resolve_paths(config: "TrainConfig") -> "TrainConfig":
+    """Fill empty output paths from Vertex's AIP_* variables, then from model_dir."""
+    model_dir = config.model_dir or os.environ.get("AIP_MODEL_DIR", "")
+    if not model_dir:
+        raise ValueError("no model directory: set model_dir (--model-dir) or AIP_MODEL_DIR")
+    if not config.data_dir:
+        raise ValueError("no data directory: set data_dir (--data-dir), the output of `ebr pipeline examples`")
+    ckpt = config.checkpoint_dir or os.environ.get("AIP_CHECKPOINT_DIR", "") or os.path.join(model_dir, "checkpoints")
+    tb = config.tensorboard_dir or os.environ.get("AIP_TENSORBOARD_LOG_DIR", "") or os.path.join(model_dir, "logs")
+    return dataclasses.replace(config, model_dir=model_dir, checkpoint_dir=ckpt, tensorboard_dir=tb)
+
+
+def report_hypertune(tag: str, value: float, step: int) -> str:
+    """Append one metric line in cloudml-hypertune's format (what its HyperTune class writes)."""
+    path = os.environ.get("CLOUD_ML_HP_METRIC_FILE", "/tmp/hypertune/output.metrics")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    line = {"timestamp": time.time(), "trial": str(os.environ.get("CLOUD_ML_TRIAL_ID", 0)),
+            tag: str(value), "global_step": str(int(step)), "checkpoint_path": ""}
+    with open(path, "a") as f:
+        f.write(json.dumps(line) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+def _callbacks(config, model, steps_per_epoch: int, chief: bool):
+    import tensorflow as tf
+
+    class Progress(tf.keras.callbacks.Callback):
+        """Logs step, loss and examples/s; records where a resumed run started."""
+
+        def __init__(self):
+            super().__init__()
+            self.every = max(1, min(100, steps_per_epoch // 5 or 1))
+            self.start_step = 0
+            self.nan_step = None
+            self.last_loss = None
+
+        def on_train_begin(self, logs=None):
+            # Runs after BackupAndRestore.on_train_begin (callback order): sees restored state.
+            self.start_step = int(self.model.optimizer.iterations.numpy())
+            if self.start_step:
+                log.info("resumed from backup at step %d", self.start_step)
+            self.t0, self.s0, self.step = None, self.start_step, self.start_step
+
+        def on_train_batch_end(self, batch, logs=None):
+            loss = float((logs or {}).get("loss", 0.0))
+            self.last_loss = loss
+            self.step += 1
+            step = self.step
+            if not math.isfinite(loss):
+                self.nan_step = step
+                self.model.stop_training = True
+                return
+            if self.t0 is None:  # rate from the first finished step on: tracing is not training
+                self.t0, self.s0 = time.time(), step
+            elif step % self.every == 0:
+                rate = (step - self.s0) * config.batch_size / max(time.time() - self.t0, 1e-9)
+                log.info("step %d/%d loss %.4f (%.0f examples/s)", step,
+                         steps_per_epoch * config.epochs, loss, rate)
+
+    progress = Progress()
+    backup = tf.keras.callbacks.BackupAndRestore(
+        os.path.join(config.checkpoint_dir, "backup"), save_freq=config.checkpoint_every_steps,
+        delete_checkpoint=True)
+    callbacks = [backup, progress, tf.keras.callbacks.TerminateOnNaN(),
+                 tf.keras.callbacks.TensorBoard(config.tensorboard_dir, update_freq=progress.every,
+                                                write_graph=False, profile_batch=0)]
+    return callbacks, progress
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _count_records(files: list[str]) -> int:
+    import tensorflow as tf
+
+    ds = tf.data.TFRecordDataset(files, compression_type="GZIP", num_parallel_reads=4)
+    return int(ds.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1).numpy())
+
+
+def _has_negatives(files: list[str]) -> bool:
+    from trainer import data
+
+    for batch in data.make_dataset(files[:1], 256, shuffle=False, names=("negative_doc_ids",)).take(1):
+        return bool((batch["negative_doc_ids"] != b"").numpy().any())
+    return False
+
+
+def _worker_dir(path: str, chief: bool) -> str:
+    """MWMS: every worker writes (saving may need all of them); non-chiefs to a temp dir."""
+    return path if chief else tempfile.mkdtemp(prefix="ebr-worker-")
+
+
+def train(config: "TrainConfig") -> dict:
+    """Train, evaluate and export. Returns {"metrics", "exports", "steps", "resumed_from_step", ...}."""
+    import tensorflow as tf
+
+    from trainer import data
+    from trainer.corpus import load_corpus, load_frequencies
+    from trainer.evaluate import evaluate
+    from trainer.export import export_towers, next_version
+    from trainer.model import UnifiedEmbeddingModel, make_optimizer
+
+    config = resolve_paths(config)
+    tf_config = cluster_from_env()
+    chief = is_chief(tf_config)
+    strategy = make_strategy(tf_config)
+    tf.keras.utils.set_random_seed(config.seed)
+    replicas = strategy.num_replicas_in_sync
+    if config.batch_size % replicas:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by {replicas} replicas")
+    d = config.data_dir
+    train_files = data.list_files(os.path.join(d, config.train_pattern))
+    corpus = load_corpus(os.path.join(d, config.corpus_pattern))
+    freq = os.path.join(d, "doc_frequencies-*.tsv")
+    if glob.glob(freq):
+        load_frequencies(corpus, freq)
+    with data.named_errors(train_files):
+        steps_per_epoch = config.steps_per_epoch or max(1, _count_records(train_files) // config.batch_size)
+        extra = config.use_extra_negatives and _has_negatives(train_files)
+        log.info("training on %d file(s), %d steps/epoch x %d epochs, global batch %d on %d "
+                 "replica(s)%s", len(train_files), steps_per_epoch, config.epochs, config.batch_size,
+                 replicas, ", with extra negatives" if extra else "")
+        ds = data.make_dataset(train_files, config.batch_size, shuffle=True, repeat=True,
+                               seed=config.seed, shuffle_buffer=config.shuffle_buffer,
+                               drop_remainder=True)
+        with strategy.scope():
+            corpus.lookup_table()  # created once, eagerly: not inside the traced train step
+            model = UnifiedEmbeddingModel(config, corpus, extra_negatives=extra)
+            model.compile(optimizer=make_optimizer(config))
+            model(next(iter(ds.take(1))))  # build before BackupAndRestore restores into it
+        callbacks, progress = _callbacks(config, model, steps_per_epoch, chief)
+        t0 = time.time()
+        history = model.fit(ds, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
+                            callbacks=callbacks, verbose=0)
+    if progress.nan_step is not None:
+        raise TrainingError(f"loss became {progress.last_loss} at step {progress.nan_step}; training "
+                            f"stopped (TerminateOnNaN). Lower learning_rate ({config.learning_rate}), raise "
+                            f"loss.temperature ({config.loss.temperature}) or check the input's "
+                            f"doc_sampling_prob values")
+    steps = int(model.optimizer.iterations.numpy())
+    train_seconds = time.time() - t0
+    final_ckpt = tf.train.Checkpoint(model=model).write(
+        os.path.join(_worker_dir(os.path.join(config.checkpoint_dir, "final"), chief), "ckpt"))
+    metrics: dict = {"loss": float(history.history["loss"][-1]) if history.history.get("loss") else None,
+                     "steps": steps, "train_seconds": round(train_seconds, 2)}
+    eval_glob = os.path.join(d, config.eval_pattern)
+    if glob.glob(eval_glob):
+        ev = evaluate(model, eval_pattern=eval_glob, corpus=corpus, ks=config.eval_ks,
+                      train_pattern=os.path.join(d, config.train_pattern), data_dir=d,
+                      batch_size=config.eval_batch_size)
+        metrics["eval"] = ev
+    version = config.version or next_version(config.model_dir)
+    export_base = _worker_dir(config.model_dir, chief)
+    exports = export_towers(model, export_base, version, {
+        "config": dataclasses.asdict(config), "metrics": _headline(metrics),
+        "training": {"steps": steps, "replicas": replicas, "train_files": train_files}})
+    result = {"metrics": metrics, "exports": exports, "steps": steps, "version": version,
+              "resumed_from_step": progress.start_step, "checkpoint": final_ckpt, "chief": chief}
+    if chief:
+        headline = _headline(metrics)
+        if config.hypertune_metric in headline:
+            result["hypertune_file"] = report_hypertune(config.hypertune_metric,
+                                                        headline[config.hypertune_metric], steps)
+        with open(os.path.join(config.model_dir, f"train_result-{version}.json"), "w") as f:
+            json.dump(result, f, indent=2, default=str)
+    else:
+        shutil.rmtree(export_base, ignore_errors=True)
+        result["exports"] = {}
+    return result
+
+
+def _headline(metrics: dict) -> dict:
+    """Flat metrics for metadata / hypertune: loss, steps and recall of the `all` protocol."""
+    out = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+    ev = metrics.get("eval")
+    if ev:
+        out.update(ev["protocols"]["all"])
+        out.update({f"exclude_train_{k}": v for k, v in ev["protocols"].get("exclude_train", {}).items()})
+    return out
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="JSON or YAML file with TrainConfig fields")
+    parser.add_argument("--data-dir", "--data_dir", dest="data_dir", help="output of `ebr pipeline examples`")
+    parser.add_argument("--model-dir", "--model_dir", dest="model_dir", help="export base (else AIP_MODEL_DIR)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. --set loss.queue_size=4096 (repeatable)")
+    parser.add_argument("--output", help="write the result JSON here")
+
+
+def config_from_args(args: argparse.Namespace, extra: list[str] | None = None):
+    """TrainConfig from --config, --set and (Vertex tuning style) --key=value flags."""
+    from ebr import config as ebr_config
+    from trainer.config import TrainConfig
+
+    overrides = list(args.set)
+    rest = list(extra or [])
+    while rest:
+        item = rest.pop(0)
+        if not item.startswith("--"):
+            raise ValueError(f"unexpected argument {item!r}")
+        key = item[2:]
+        if "=" not in key:
+            if not rest:
+                raise ValueError(f"flag --{key} needs a value")
+            key = f"{key}={rest.pop(0)}"
+        overrides.append(key.replace("-", "_"))
+    for name in ("data_dir", "model_dir"):
+        if getattr(args, name, None):
+            overrides.append(f"{name}={getattr(args, name)}")
+    return ebr_config.load(TrainConfig, args.config, overrides)
+
+
+def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
+    """Shared by `python -m trainer.task` and `ebr train`: exit code, one-line errors."""
+    import tensorflow as tf
+
+    try:
+        config = config_from_args(args, extra)
+        result = train(config)
+    except TrainingError as e:
+        print(f"training failed: {e}", file=sys.stderr)
+        return EXIT_NAN
+    except (ValueError, FileNotFoundError, KeyError, tf.errors.DataLossError) as e:
+        print(f"bad input: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    text = json.dumps(result, indent=2, default=str)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+    print(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import ebr  # noqa: F401  (legacy Keras before TensorFlow)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m trainer.task", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    args, extra = parser.parse_known_args(argv)
+    return run(args, extra)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
