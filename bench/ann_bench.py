@@ -1,0 +1,154 @@
+"""ANN benchmark (issue 5): exact, FAISS IVF-PQ configurations and ScaNN in one run.
+
+    python bench/ann_bench.py --quick --output runs/ann-quick                 # 100k synthetic
+    python bench/ann_bench.py --embeddings EMB --query-vectors Q.npy --output runs/ann   # real
+
+Real geometry: EMB from `ebr embed` over `ebr data social` documents (1M) with a trained doc
+tower, and Q.npy the query tower's embeddings of held-out sessions. Without them the bench runs
+on a synthetic Gaussian mixture on the sphere and says so in the JSON ("data" field).
+Target: a FAISS IVF-PQ configuration with recall@10 >= 0.95 vs exact at batch QPS >= ScaNN's
+best at recall >= 0.95; plus filtered-search cost at ~1%, 10% and 50% selectivity.
+Prints JSON (also written with the PNG plots to --output). Same-run baselines: exact search.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import index  # noqa: E402,F401  (import ebr first)
+from index import evaluation as ev  # noqa: E402
+from index import sweep as sw  # noqa: E402
+
+TARGET = 0.95
+FILTERS = {"~1%": "attributes.tag:verified", "~10%": "city:seattle", "~50%": "type:group"}
+
+
+def load(args):
+    from index import synthetic
+
+    if args.embeddings:
+        from index.embeddings import read_embeddings
+
+        ids, X, terms, meta = read_embeddings(args.embeddings)
+        if not args.query_vectors:
+            raise SystemExit("--embeddings needs --query-vectors (query tower over held-out sessions)")
+        Q = np.load(args.query_vectors).astype(np.float32)[: args.queries]
+        return ids, X, terms, Q, f"embeddings {args.embeddings} model {meta.get('model_version')}; queries {args.query_vectors}"
+    n = args.docs or (100_000 if args.quick else 1_000_000)
+    ids, X, terms, Q = synthetic.mixture(n, args.queries, args.dim, seed=args.seed)
+    return ids, X, terms, Q, "SYNTHETIC: " + synthetic.LABEL + " (trained towers not used)"
+
+
+def filtered_cost(X, Q, terms, k, faiss_row, scann_be, faiss_be, exact_be, grid):
+    from index.filters import AttributeIndex, compile_filter
+
+    attrs = AttributeIndex.build(terms)
+    out = {}
+    for label, expr in FILTERS.items():
+        sel = compile_filter(expr, attrs)
+        _, gt, _ = exact_be.search(Q, k, selection=sel)
+        row = {"filter": expr, "selectivity": sel.selectivity}
+        t_ex = ev.batch_qps(lambda q: exact_be.search(q, k, selection=sel), Q, grid.repeats)
+        row["exact_qps"] = t_ex
+        if faiss_be is not None:
+            p = faiss_row["params"]
+            f = lambda q: faiss_be.search(q, k, selection=sel, params=p)  # noqa: E731
+            row["faiss"] = {"params": p, "recall": ev.recall_at_k(f(Q)[1], gt, k),
+                            "qps": ev.batch_qps(f, Q, grid.repeats),
+                            "qps_unfiltered": faiss_row["qps"]}
+            row["faiss"]["cost_vs_unfiltered"] = row["faiss"]["qps_unfiltered"] / row["faiss"]["qps"]
+        if scann_be is not None:
+            p = scann_be[1]
+            g = lambda q: scann_be[0].search(q, k, selection=sel, params=p)  # noqa: E731
+            _, I, info = g(Q)
+            row["scann"] = {"params": p, "recall": ev.recall_at_k(I, gt, k),
+                            "qps": ev.batch_qps(g, Q, grid.repeats),
+                            "overfetch_mean": info["overfetch"],
+                            "fetched_max": int(info["fetched"].max())}
+        out[label] = row
+        logging.info("filter %s: %s", label, json.dumps(row, default=float))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="100k documents, smaller grid")
+    ap.add_argument("--embeddings")
+    ap.add_argument("--query-vectors")
+    ap.add_argument("--docs", type=int, default=0)
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--output", default="runs/ann-bench")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    import faiss
+
+    from index.exact import ExactBackend
+    from index.ivf_pq import IVFPQBackend
+    from index.scann_backend import ScaNNBackend, ScaNNConfig
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    ids, X, terms, Q, data_label = load(args)
+    n, d = X.shape
+    k = args.k
+    grid = sw.SweepGrid(nprobes=(4, 8, 16, 32, 64), k_factors=(4, 16, 64),
+                        scann_leaves_fraction=(0.01, 0.02, 0.05, 0.1),
+                        scann_reorder=(100, 250), scann_num_leaves=(int(2 * np.sqrt(n)),),
+                        latency_queries=100 if args.quick else 200, repeats=3)
+    nlist = 1 << int(round(np.log2(4 * np.sqrt(n))))
+    factories = [f"IVF{nlist},PQ{d // 4}",                     # paper default d/4 bytes
+                 f"IVF{nlist},PQ{d // 2}x4fs,RFlat",          # d/4 bytes, fast-scan + refine
+                 f"IVF{nlist // 4},PQ{d // 2}x4fs,RFlat",
+                 f"OPQ{d // 2},IVF{nlist},PQ{d // 2}x4fs,RFlat",
+                 f"IVF{nlist},PQ{d // 4},RFlat"]
+    gt, exact_row = sw.exact_baseline(X, Q, k, grid)
+    rows = [exact_row]
+    backends = {}
+    for fac in factories:
+        rows += sw.sweep_faiss(X, Q, gt, k, fac, grid, args.seed)
+    rows += sw.sweep_scann(X, Q, gt, k, grid)
+    for r in rows:
+        r["qps_vs_exact"] = r["qps"] / exact_row["qps"]
+    best_faiss = sw.choose(rows, TARGET, "faiss")
+    best_scann = sw.choose(rows, TARGET, "scann")
+    exact_be = ExactBackend.build(X)
+    faiss_be = scann_be = None
+    if best_faiss:
+        p = best_faiss["params"]
+        faiss_be = IVFPQBackend.build(X, best_faiss["config"], nprobe=p["nprobe"], k_factor=p["k_factor"])
+    if best_scann:
+        cfg = ScaNNConfig(num_leaves=grid.scann_num_leaves[0], reorder=max(grid.scann_reorder))
+        sb = ScaNNBackend.build(X, cfg)
+        scann_be = (sb, {"leaves": best_scann["params"]["leaves"], "reorder": best_scann["params"]["reorder"]})
+    filtered = filtered_cost(X, Q, terms, k, best_faiss, scann_be, faiss_be, exact_be, grid)
+    target = {"recall_target": TARGET, "faiss": best_faiss, "scann": best_scann,
+              "met": bool(best_faiss and (best_scann is None or best_faiss["qps"] >= best_scann["qps"])),
+              "faiss_qps_over_scann": (best_faiss["qps"] / best_scann["qps"]) if best_faiss and best_scann else None}
+    report = {"bench": "ann_bench", "data": data_label, "n": n, "d": d, "queries": len(Q), "k": k,
+              "threads": faiss.omp_get_max_threads(), "quick": args.quick,
+              "exact": exact_row, "target": target, "filtered": filtered, "results": rows,
+              "seconds": round(time.time() - t0, 1)}
+    report["plots"] = sw.plot(rows, out, f"ann_bench {data_label[:60]} N={n}")
+    (out / "ann_bench.json").write_text(json.dumps(report, indent=1, default=float))
+    summary = {k_: report[k_] for k_ in ("data", "n", "d", "queries", "threads", "seconds", "plots")}
+    summary["exact_qps"] = exact_row["qps"]
+    summary["target"] = target
+    summary["filtered"] = filtered
+    print(json.dumps(summary, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The one small search interface (docs/contracts.md section 5) over every backend.
+
+    searcher = open_index(INDEX_BASE or INDEX_BASE/VERSION)
+    result = searcher.search(queries, k, filter="type:group AND NOT attributes.tag:spam",
+                             radius=None, params={"nprobe": 32})
+
+Top-K and radius modes (the paper found radius mode balances cost and quality), each optionally
+restricted by a boolean filter (hybrid retrieval): FAISS scans with an ID selector, ScaNN
+over-fetches and post-filters and says by how much in `result.info`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from index import persistence
+from index.builder import DOC_IDS, FILTERS
+from index.errors import CorruptIndexFile, DimensionMismatch, IndexError_
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class SearchResult:
+    doc_ids: list[list[str]]
+    scores: list[np.ndarray]  # float32 inner products, best first
+    scanned: np.ndarray  # int64 [Q]: documents whose codes were scanned per query
+    ids: list[np.ndarray] = dataclasses.field(default_factory=list)  # internal row ids
+    info: dict = dataclasses.field(default_factory=dict)  # selectivity, ScaNN over-fetch, ...
+
+
+def _backend_class(name: str):
+    if name == "exact":
+        from index.exact import ExactBackend
+        return ExactBackend
+    if name == "faiss":
+        from index.ivf_pq import IVFPQBackend
+        return IVFPQBackend
+    if name == "scann":
+        from index.scann_backend import ScaNNBackend
+        return ScaNNBackend
+    raise IndexError_(f"unknown backend {name!r} in the manifest")
+
+
+class Searcher:
+    def __init__(self, path: Path, manifest: dict, backend, doc_ids: list[str], attributes):
+        self.path = path
+        self.manifest = manifest
+        self.backend = backend
+        self.doc_ids = doc_ids
+        self.attributes = attributes
+        self._row = None
+
+    @property
+    def dimension(self) -> int:
+        return int(self.manifest["dimension"])
+
+    def row_of(self, doc_id: str) -> int:
+        if self._row is None:
+            self._row = {d: i for i, d in enumerate(self.doc_ids)}
+        if doc_id not in self._row:
+            raise KeyError(f"doc_id {doc_id!r} is not in index {self.path}")
+        return self._row[doc_id]
+
+    def _queries(self, queries) -> np.ndarray:
+        Q = np.asarray(queries, dtype=np.float32)
+        if Q.ndim == 1:
+            Q = Q[None]
+        if Q.ndim != 2 or Q.shape[1] != self.dimension:
+            raise DimensionMismatch(f"queries of shape {tuple(np.shape(queries))} do not match index "
+                                    f"{self.path} of dimension {self.dimension}")
+        if not np.all(np.isfinite(Q)):
+            raise ValueError("queries hold NaN or infinite values")
+        return np.ascontiguousarray(Q)
+
+    def search(self, queries, k: int = 10, *, filter: str | None = None,
+               radius: float | None = None, params: dict | None = None) -> SearchResult:
+        """Top-k (or, with `radius`, every document scoring >= radius, at most k if k > 0)."""
+        from index.filters import compile_filter
+
+        Q = self._queries(queries)
+        k = int(k)
+        if radius is None and k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        info: dict = {}
+        selection = None
+        if filter is not None and filter.strip():
+            selection = compile_filter(filter, self.attributes)
+            info["selected"] = selection.size
+            info["selectivity"] = selection.selectivity
+        scanned = self.backend.scanned(Q, params)
+        if selection is not None and selection.size == 0:
+            empty = [np.zeros(0, np.int64) for _ in Q]
+            return self._result(empty, [np.zeros(0, np.float32) for _ in Q], scanned, info)
+        if radius is not None:
+            ds, ids, extra = self.backend.range_search(Q, float(radius), selection, params)
+            if k > 0:
+                ds, ids = [d[:k] for d in ds], [i[:k] for i in ids]
+        else:
+            D, I, extra = self.backend.search(Q, min(k, self.backend.ntotal), selection, params)
+            ds, ids = [], []
+            for d, i in zip(D, I):
+                ok = i >= 0
+                ds.append(d[ok].astype(np.float32))
+                ids.append(i[ok].astype(np.int64))
+        info.update(extra)
+        return self._result(ids, ds, scanned, info)
+
+    def _result(self, ids, ds, scanned, info) -> SearchResult:
+        names = [[self.doc_ids[j] for j in row] for row in ids]
+        return SearchResult(names, ds, np.asarray(scanned, np.int64), ids, info)
+
+
+def open_index(path, *, schema_hash: str | None = None, model_version=None,
+               verify: bool = True) -> Searcher:
+    """Loads INDEX_BASE (newest version) or INDEX_BASE/VERSION, verifying checksums, the
+    dimension and (when given) the embedding model it must have been built for."""
+    from index.filters import AttributeIndex
+
+    vdir = persistence.resolve(path)
+    manifest = persistence.read_manifest(vdir)
+    persistence.check_model(vdir, manifest, schema_hash, model_version)
+    if verify:
+        persistence.verify_files(vdir, manifest)
+    cls = _backend_class(manifest["backend"])
+    try:
+        backend = cls.load(vdir, manifest["params"])
+    except (RuntimeError, OSError, EOFError) as e:  # FAISS/ScaNN readers raise RuntimeError
+        raise CorruptIndexFile(f"{vdir}: {manifest['backend']} files cannot be read: "
+                               f"{str(e).splitlines()[0][:300]}") from None
+    if backend.d != manifest["dimension"]:
+        raise DimensionMismatch(f"{vdir}: backend files hold dimension {backend.d}, "
+                                f"{persistence.MANIFEST} says {manifest['dimension']}")
+    if backend.ntotal != manifest["count"]:
+        raise CorruptIndexFile(f"{vdir}: backend files hold {backend.ntotal} vectors, "
+                               f"{persistence.MANIFEST} says {manifest['count']}")
+    doc_ids = (vdir / DOC_IDS).read_text(encoding="utf-8").split("\n")[:-1]
+    if len(doc_ids) != manifest["count"]:
+        raise CorruptIndexFile(f"{vdir / DOC_IDS}: {len(doc_ids)} ids, manifest says {manifest['count']}")
+    attributes = AttributeIndex.load(vdir / FILTERS)
+    if attributes.count != manifest["count"]:
+        raise CorruptIndexFile(f"{vdir / FILTERS}: covers {attributes.count} docs, manifest says "
+                               f"{manifest['count']}")
+    log.info("opened index %s (%s, %d docs)", vdir, manifest["backend"], manifest["count"])
+    return Searcher(vdir, manifest, backend, doc_ids, attributes)

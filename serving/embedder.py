@@ -1,0 +1,366 @@
+"""Query embedding for the retrieval service: request features in, query-tower vectors out.
+
+Two sources of the same exported `query_tower` (docs/contracts.md section 3):
+  * remote: TF Serving's `PredictionService.Predict` at a configured address (the official
+    `tensorflow/serving` image in Kubernetes, `ebr serve model` locally), pinned to a version;
+  * local: the SavedModel loaded in-process when no address is set.
+Both take the serving signature's raw string inputs, built here from `features.QUERY_INPUTS`:
+scalar kinds as `[B]`, MULTI kinds as `[B, N]` padded with "" (N = longest list in the batch).
+
+The service pins the model version to the one its index was built for (the index manifest's
+`model_version`), so a query is never embedded by one model and searched in another's space.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from ebr import features
+
+log = logging.getLogger(__name__)
+
+SIGNATURE = "serving_default"
+OUTPUT = "embedding"
+METADATA_FILE = "ebr_metadata.json"
+
+
+class ModelUnavailable(RuntimeError):
+    """The requested model version is not (yet) loadable; the caller may retry later."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    version: int
+    dimension: int
+    schema_hash: str | None  # None when only a remote address is known (no ebr_metadata.json)
+    source: str  # directory or address, for error messages
+
+
+def build_inputs(rows: Sequence[Mapping[str, object]]) -> dict[str, np.ndarray]:
+    """Signature inputs for a batch of query feature dicts (keys from `features.QUERY_INPUTS`).
+
+    Missing features are empty; MULTI lists longer than the schema's `max_values` keep their
+    most recent end, as `features.make_example` does for training data."""
+    out: dict[str, np.ndarray] = {}
+    for name in features.QUERY_INPUTS:
+        spec = features.BY_NAME[name]
+        if spec.kind == features.MULTI:
+            lists = []
+            for row in rows:
+                vals = list(row.get(name) or [])
+                if spec.max_values and len(vals) > spec.max_values:
+                    vals = vals[-spec.max_values:]
+                lists.append(vals)
+            width = max(1, max((len(v) for v in lists), default=0))
+            arr = np.full((len(rows), width), b"", dtype=object)
+            for i, vals in enumerate(lists):
+                arr[i, :len(vals)] = [_bytes(v) for v in vals]
+            out[name] = arr
+        else:
+            out[name] = np.array([_bytes(row.get(name) or "") for row in rows], dtype=object)
+    return out
+
+
+def _bytes(value) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode("utf-8")
+
+
+def model_versions(base: str | Path) -> list[int]:
+    """Complete version directories under a model base path, oldest first.
+
+    A version counts once `saved_model.pb` and `ebr_metadata.json` are both there (the trainer
+    renames a finished temp dir into place, so a half-written version is never listed)."""
+    base = Path(base)
+    if not base.is_dir():
+        return []
+    return sorted(int(p.name) for p in base.iterdir()
+                  if p.name.isdigit() and (p / "saved_model.pb").exists()
+                  and (p / METADATA_FILE).exists())
+
+
+def read_metadata(version_dir: Path) -> dict:
+    path = version_dir / METADATA_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelUnavailable(f"{path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {e.lineno}: {e.msg}") from None
+    for key in ("dimension", "schema_hash"):
+        if key not in meta:
+            raise ValueError(f"{path}: missing key {key!r}")
+    return meta
+
+
+class LocalEncoder:
+    """One version of the query tower, loaded in-process (`trainer.export.load_tower`, which
+    checks its metadata and signature)."""
+
+    def __init__(self, version_dir: Path):
+        from trainer.export import load_tower
+
+        self._tower = load_tower(str(version_dir))
+        missing = set(features.QUERY_INPUTS) ^ set(self._tower.input_names)
+        if missing:
+            raise ValueError(f"{version_dir}: signature inputs {sorted(self._tower.input_names)} "
+                             f"differ from ebr.features.QUERY_INPUTS "
+                             f"{sorted(features.QUERY_INPUTS)}")
+        meta = self._tower.metadata
+        self.info = ModelInfo(int(version_dir.name), int(meta["dimension"]),
+                              str(meta["schema_hash"]), str(version_dir))
+
+    def embed(self, inputs: dict[str, np.ndarray], timeout: float | None = None) -> np.ndarray:
+        return np.ascontiguousarray(self._tower(inputs), dtype=np.float32)
+
+
+class LocalModelSource:
+    """`MODEL_DIR/query_tower` on disk: lists versions and loads them in-process."""
+
+    def __init__(self, base: str | Path):
+        self.base = Path(base)
+        if not self.base.is_dir():
+            raise FileNotFoundError(f"model directory {self.base} does not exist")
+        self._cache: dict[int, LocalEncoder] = {}
+        self._lock = threading.Lock()
+
+    def versions(self) -> list[int]:
+        return model_versions(self.base)
+
+    def open(self, version: int | None) -> LocalEncoder:
+        versions = self.versions()
+        if version is None:
+            if not versions:
+                raise ModelUnavailable(f"no complete model version under {self.base}")
+            version = versions[-1]
+        if version not in versions:
+            raise ModelUnavailable(f"model version {version} not found under {self.base} "
+                                   f"(have {versions})")
+        with self._lock:
+            if version not in self._cache:
+                log.info("loading query tower", extra={"path": str(self.base / str(version))})
+                self._cache[version] = LocalEncoder(self.base / str(version))
+            return self._cache[version]
+
+    def release(self, keep: set[int]) -> None:
+        """Drops loaded versions no longer served (their memory goes once requests finish)."""
+        with self._lock:
+            for v in [v for v in self._cache if v not in keep]:
+                del self._cache[v]
+
+    def close(self) -> None:
+        self._cache.clear()
+
+
+def tensor_proto(array: np.ndarray):
+    """A DT_STRING TensorProto without going through tf.make_tensor_proto (cheaper per call)."""
+    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+
+    shape = tensor_shape_pb2.TensorShapeProto(
+        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=s) for s in array.shape])
+    return tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, tensor_shape=shape,
+                                  string_val=list(array.reshape(-1)))
+
+
+def float_array(proto) -> np.ndarray:
+    """TensorProto (DT_FLOAT) -> np.float32 array, from tensor_content or float_val."""
+    shape = [d.size for d in proto.tensor_shape.dim]
+    if proto.tensor_content:
+        arr = np.frombuffer(proto.tensor_content, dtype=np.float32)
+    else:
+        arr = np.asarray(proto.float_val, dtype=np.float32)
+    return arr.reshape(shape)
+
+
+class RemoteEncoder:
+    """One version of the query tower behind TF Serving's PredictionService."""
+
+    def __init__(self, source: "RemoteModelSource", info: ModelInfo):
+        self._source = source
+        self.info = info
+
+    def embed(self, inputs: dict[str, np.ndarray], timeout: float | None = None) -> np.ndarray:
+        from tensorflow_serving.apis import predict_pb2
+
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = self._source.model_name
+        request.model_spec.signature_name = SIGNATURE
+        request.model_spec.version.value = self.info.version
+        for name, arr in inputs.items():
+            request.inputs[name].CopyFrom(tensor_proto(arr))
+        request.output_filter.append(OUTPUT)
+        response = self._source.predict_stub.Predict(request, timeout=timeout or 10.0)
+        return float_array(response.outputs[OUTPUT])
+
+
+class RemoteModelSource:
+    """A query tower served by TF Serving (or `ebr serve model`) at `address`.
+
+    `metadata_dir` (the same `MODEL_DIR/query_tower` the model server reads, e.g. a shared
+    volume) supplies `ebr_metadata.json` so the schema hash can be checked against the index;
+    without it only the dimension is checked (read from the signature's output shape)."""
+
+    def __init__(self, address: str, model_name: str = "query_tower",
+                 metadata_dir: str | Path | None = None, tls_ca: str | None = None):
+        import grpc
+        from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
+
+        self.address = address
+        self.model_name = model_name
+        self.metadata_dir = Path(metadata_dir) if metadata_dir else None
+        options = [("grpc.max_receive_message_length", 64 << 20)]
+        if tls_ca:
+            creds = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes())
+            self.channel = grpc.secure_channel(address, creds, options=options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
+        self.predict_stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
+        self.model_stub = model_service_pb2_grpc.ModelServiceStub(self.channel)
+
+    def versions(self) -> list[int]:
+        import grpc
+        from tensorflow_serving.apis import get_model_status_pb2
+
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = self.model_name
+        try:
+            response = self.model_stub.GetModelStatus(request, timeout=5.0)
+        except grpc.RpcError as e:
+            if e.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE,
+                            grpc.StatusCode.DEADLINE_EXCEEDED):
+                return []
+            raise
+        available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+        return sorted(s.version for s in response.model_version_status if s.state == available)
+
+    def _dimension(self, version: int) -> int:
+        from tensorflow_serving.apis import get_model_metadata_pb2
+
+        request = get_model_metadata_pb2.GetModelMetadataRequest()
+        request.model_spec.name = self.model_name
+        request.model_spec.version.value = version
+        request.metadata_field.append("signature_def")
+        response = self.predict_stub.GetModelMetadata(request, timeout=5.0)
+        sigs = get_model_metadata_pb2.SignatureDefMap()
+        response.metadata["signature_def"].Unpack(sigs)
+        sig = sigs.signature_def[SIGNATURE]
+        dims = [d.size for d in sig.outputs[OUTPUT].tensor_shape.dim]
+        if len(dims) != 2 or dims[1] <= 0:
+            raise ValueError(f"{self.address} {self.model_name}/{version}: output {OUTPUT!r} "
+                             f"has shape {dims}, expected [batch, dimension]")
+        return dims[1]
+
+    def open(self, version: int | None) -> RemoteEncoder:
+        versions = self.versions()
+        if version is None:
+            if not versions:
+                raise ModelUnavailable(f"{self.address}: no AVAILABLE version of {self.model_name}")
+            version = versions[-1]
+        if version not in versions:
+            raise ModelUnavailable(f"{self.address}: {self.model_name} version {version} is not "
+                                   f"AVAILABLE (available: {versions})")
+        source = f"{self.address}/{self.model_name}/{version}"
+        if self.metadata_dir is not None:
+            meta = read_metadata(self.metadata_dir / str(version))
+            info = ModelInfo(version, int(meta["dimension"]), str(meta["schema_hash"]), source)
+        else:
+            info = ModelInfo(version, self._dimension(version), None, source)
+        return RemoteEncoder(self, info)
+
+    def release(self, keep: set[int]) -> None:
+        pass  # the model server owns the loaded versions
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def open_source(model_dir: str | None, address: str | None, model_name: str = "query_tower",
+                tls_ca: str | None = None):
+    """The configured model source: remote when an address is set, else in-process."""
+    if address:
+        return RemoteModelSource(address, model_name, metadata_dir=model_dir, tls_ca=tls_ca)
+    if not model_dir:
+        raise ValueError("set a model address (--model-address) or a model directory (--model)")
+    return LocalModelSource(model_dir)
+
+
+class EmbedBatcher:
+    """Dynamic batching of concurrent embedding requests (TF Serving's batching idea, client side).
+
+    One query through the tower costs about what eight do (the signature call overhead
+    dominates), so under load the batcher thread takes every request queued while the previous
+    batch ran and embeds them in one call; an idle server adds no wait (no batching timeout).
+    Requests are grouped by encoder so a batch never mixes model versions during a swap."""
+
+    def __init__(self, max_batch: int = 32, threads: int = 1,
+                 on_batch: "Callable[[int], None] | None" = None):
+        import queue
+
+        self.max_batch = max_batch
+        self._on_batch = on_batch
+        self._queue: "queue.Queue" = queue.Queue()
+        self._closed = False
+        self._threads = [threading.Thread(target=self._loop, name=f"embed-batcher-{i}", daemon=True)
+                         for i in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def embed(self, encoder, values: Mapping[str, object],
+              timeout: float | None = None) -> np.ndarray:
+        """Embedding [D] of one query's feature values; raises what the encoder raised."""
+        import concurrent.futures
+        import time
+
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._queue.put((encoder, values, deadline, future))
+        return future.result()
+
+    def _loop(self) -> None:
+        import queue
+        import time
+
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)  # let the other batcher threads see it too
+                    break
+                batch.append(nxt)
+            groups: dict[int, list] = {}
+            for it in batch:
+                groups.setdefault(id(it[0]), []).append(it)
+            for items in groups.values():
+                items = [it for it in items if it[3].set_running_or_notify_cancel()]
+                if not items:
+                    continue
+                if self._on_batch is not None:
+                    self._on_batch(len(items))
+                deadlines = [it[2] for it in items if it[2] is not None]
+                timeout = (max(0.001, min(deadlines) - time.monotonic())) if deadlines else None
+                try:
+                    vectors = items[0][0].embed(build_inputs([it[1] for it in items]),
+                                                timeout=timeout)
+                except BaseException as e:  # every waiter gets the failure, the thread lives on
+                    for it in items:
+                        it[3].set_exception(e)
+                    continue
+                for row, it in zip(vectors, items):
+                    it[3].set_result(row[None, :])
+
+    def close(self) -> None:
+        self._queue.put(None)
+        for t in self._threads:
+            t.join(timeout=5)

@@ -1,0 +1,237 @@
+"""What Predict, GetModelMetadata and GetModelStatus do, shared by the gRPC and REST front ends.
+
+Checks and status codes follow TF Serving (`servables/tensorflow/predict_util.cc`,
+`model_servers/get_model_status_impl.cc`, `servables/tensorflow/get_model_metadata_impl.cc`;
+table in /work/shared/reference.md): every refusal is a `ServingError` carrying the gRPC code.
+Also holds the Prometheus metrics both front ends record into, named as TF Serving names them.
+"""
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+import grpc
+import numpy as np
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_pb2,
+                                     predict_pb2, status_pb2)
+
+from serving.model_registry import ModelRegistry, Servable, ServingError
+from serving.tensors import TensorError, dtype_name, ndarray_to_proto, proto_to_ndarray
+
+DEFAULT_SIGNATURE = "serving_default"
+_CODE_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def _version(spec: model_pb2.ModelSpec) -> int | None:
+    return spec.version.value if spec.HasField("version") else None
+
+
+def _set_spec(out: model_pb2.ModelSpec, name: str, version: int, signature: str = "") -> None:
+    out.name = name
+    out.version.value = version
+    if signature:
+        out.signature_name = signature
+
+
+def _shape_ok(shape: tuple[int, ...], expected) -> bool:
+    if expected.unknown_rank:
+        return True
+    if len(shape) != len(expected.dim):
+        return False
+    return all(d.size < 0 or d.size == s for d, s in zip(expected.dim, shape))
+
+
+def _shape_str(expected) -> str:
+    if expected.unknown_rank:
+        return "<unknown>"
+    return "[" + ",".join("?" if d.size < 0 else str(d.size) for d in expected.dim) + "]"
+
+
+def acquire(registry: ModelRegistry, spec: model_pb2.ModelSpec):
+    """Lease on the servable a ModelSpec names (NOT_FOUND / INVALID_ARGUMENT otherwise)."""
+    return registry.acquire(spec.name, _version(spec), spec.version_label)
+
+
+def signature(servable: Servable, signature_name: str):
+    """(name, SignatureDef, function); an unknown key is FAILED_PRECONDITION as in TF Serving."""
+    sig_name = signature_name or DEFAULT_SIGNATURE
+    sig = servable.signature_defs.get(sig_name)
+    fn = servable.functions.get(sig_name)
+    if sig is None or fn is None:
+        raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                           f'Serving signature key "{sig_name}" not found.')
+    return sig_name, sig, fn
+
+
+def run_signature(servable: Servable, signature_name: str, inputs: dict, output_filter=(), *,
+                  max_tensor_bytes: int = 1 << 30) -> tuple[str, dict]:
+    """Validates and runs one signature on numpy-or-TensorProto `inputs` (held servable).
+
+    Returns (signature_name, {output alias: np.ndarray}).
+    """
+    import tensorflow as tf
+
+    sig_name, sig, fn = signature(servable, signature_name)
+    sent, expected = set(inputs), set(sig.inputs)
+    if sent != expected:
+        raise ServingError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"input size does not match signature: {len(sent)}!={len(expected)} "
+            f"len({{{','.join(sorted(sent))}}}) != len({{{','.join(sorted(expected))}}}). "
+            f"Sent extra: {{{','.join(sorted(sent - expected))}}}. "
+            f"Missing but required: {{{','.join(sorted(expected - sent))}}}.")
+    seen = set()
+    for alias in output_filter:
+        if alias not in sig.outputs:
+            raise ServingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"output tensor alias not found in signature: {alias} Outputs expected to "
+                f"be in the set {{{','.join(sorted(sig.outputs))}}}.")
+        if alias in seen:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"duplicate output tensor alias: {alias}")
+        seen.add(alias)
+    feeds = {}
+    for key in sorted(sent):
+        info, value = sig.inputs[key], inputs[key]
+        if isinstance(value, np.ndarray):
+            arr = value  # REST: already converted to the signature's dtype
+        else:
+            if value.dtype != info.dtype:
+                raise ServingError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"Expects arg[{key}] to be {dtype_name(info.dtype)} but "
+                    f"{dtype_name(value.dtype)} is provided")
+            try:
+                arr = proto_to_ndarray(value, name=key, max_bytes=max_tensor_bytes)
+            except TensorError as e:
+                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
+        if not _shape_ok(arr.shape, info.tensor_shape):
+            raise ServingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"input \"{key}\" has shape {list(arr.shape)}, signature "
+                f"\"{sig_name}\" expects {_shape_str(info.tensor_shape)}")
+        try:
+            feeds[key] = tf.constant(arr, dtype=tf.dtypes.as_dtype(info.dtype))
+        except (TypeError, ValueError) as e:
+            raise ServingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"input \"{key}\": cannot convert to {dtype_name(info.dtype)}: {e}") from e
+    try:
+        result = fn(**feeds)
+    except tf.errors.OpError as e:
+        raise ServingError(_CODE_BY_NUMBER.get(e.error_code, grpc.StatusCode.UNKNOWN),
+                           e.message) from e
+    except (TypeError, ValueError) as e:
+        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
+    wanted = list(output_filter) or sorted(result)
+    return sig_name, {k: result[k].numpy() for k in wanted}
+
+
+def predict(registry: ModelRegistry, request: predict_pb2.PredictRequest, *,
+            max_tensor_bytes: int = 1 << 30) -> predict_pb2.PredictResponse:
+    with acquire(registry, request.model_spec) as servable:
+        sig_name, outputs = run_signature(
+            servable, request.model_spec.signature_name, dict(request.inputs),
+            list(request.output_filter), max_tensor_bytes=max_tensor_bytes)
+    response = predict_pb2.PredictResponse()
+    _set_spec(response.model_spec, servable.name, servable.version, sig_name)
+    for key, arr in outputs.items():
+        response.outputs[key].CopyFrom(ndarray_to_proto(arr))
+    return response
+
+
+def metadata(registry: ModelRegistry, request: get_model_metadata_pb2.GetModelMetadataRequest
+             ) -> get_model_metadata_pb2.GetModelMetadataResponse:
+    if not request.metadata_field:
+        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                           "GetModelMetadataRequest must specify at least one metadata_field")
+    for field in request.metadata_field:
+        if field != "signature_def":
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"Metadata field {field} is not supported")
+    spec = request.model_spec
+    with registry.acquire(spec.name, _version(spec), spec.version_label) as servable:
+        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        _set_spec(response.model_spec, servable.name, servable.version)
+        sig_map = get_model_metadata_pb2.SignatureDefMap()
+        for key, sig in servable.signature_defs.items():
+            sig_map.signature_def[key].CopyFrom(sig)
+        response.metadata["signature_def"].Pack(sig_map)
+        return response
+
+
+def model_status(registry: ModelRegistry, request: get_model_status_pb2.GetModelStatusRequest
+                 ) -> get_model_status_pb2.GetModelStatusResponse:
+    spec = request.model_spec
+    if spec.version_label:
+        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"Unrecognized servable version label: {spec.version_label}")
+    response = get_model_status_pb2.GetModelStatusResponse()
+    for rec in registry.status(spec.name, _version(spec)):
+        status = response.model_version_status.add(version=rec.version, state=rec.state)
+        status.status.CopyFrom(status_pb2.StatusProto(
+            error_code=2 if rec.error else 0, error_message=rec.error))  # 2 = UNKNOWN
+    return response
+
+
+# ---- metrics ----------------------------------------------------------------------------------
+# TF Serving's latency histograms are in microseconds; keep its unit so dashboards carry over.
+LATENCY_BUCKETS_US = (50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000,
+                      250_000, 500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000)
+
+
+UNKNOWN_MODEL = "_unknown"
+
+
+class ModelServerMetrics:
+    """`:tensorflow:serving:request_count{model_name,status}` and `request_latency`."""
+
+    def __init__(self, registry: ModelRegistry | None = None):
+        self.prometheus = CollectorRegistry()
+        self._models = registry
+        self._lock = threading.Lock()
+        self._counts: dict[tuple[str, str], float] = defaultdict(float)
+        self.latency = Histogram(
+            ":tensorflow:serving:request_latency",
+            "Distribution of wall time (in microseconds) for Tensorflow Serving request.",
+            ["model_name", "API", "entrypoint"], buckets=LATENCY_BUCKETS_US,
+            registry=self.prometheus)
+        self.prometheus.register(self)
+
+    def observe(self, model: str, api: str, entrypoint: str, code: grpc.StatusCode,
+                seconds: float) -> None:
+        if self._models is not None and not self._models.knows(model):
+            model = UNKNOWN_MODEL  # clients choose names: keep label cardinality bounded
+        with self._lock:
+            self._counts[(model, code.name)] += 1
+        self.latency.labels(model, api, entrypoint).observe(seconds * 1e6)
+
+    def count(self, model: str, status: str) -> float:
+        with self._lock:
+            return self._counts.get((model, status), 0.0)
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        # A hand-made family: prometheus_client's Counter would rename it `..._total`.
+        counter = Metric(":tensorflow:serving:request_count",
+                         "The total number of requests.", "counter")
+        with self._lock:
+            for (model, status), n in sorted(self._counts.items()):
+                counter.add_sample(":tensorflow:serving:request_count",
+                                   {"model_name": model, "status": status}, n)
+        yield counter
+        if self._models is not None:
+            gauge = Metric(":ebr:model_server:loaded_versions",
+                           "Versions currently served per model.", "gauge")
+            for name, versions in self._models.available().items():
+                gauge.add_sample(":ebr:model_server:loaded_versions", {"model_name": name},
+                                 len(versions))
+            yield gauge
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.prometheus)

@@ -1,0 +1,358 @@
+"""Which SavedModel versions the model server holds, kept in step with TF Serving's base path.
+
+Layout (TF Serving's, docs/contracts.md 3): `BASE/NAME/VERSION/{saved_model.pb, variables/}`;
+every subdirectory of BASE is a model, VERSION is a positive integer and the largest ones are
+served (`num_versions`, TF Serving's `latest` policy, default 1). The file system is polled
+(default every second). A new version is loaded fully and checked (it parses, it loads, it has
+the required signature, and its files did not change while loading) before one reference swap
+makes it current; the version it replaces is unloaded only after the requests holding it finish
+(TF Serving's availability-preserving policy). A directory that fails a check is never served:
+it is recorded with its error (GetModelStatus shows it) and retried only when its files change,
+which covers an exporter still writing (ours write to a temp dir and rename, so such a
+directory is named `.tmp...` and is not numeric anyway).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
+# ModelVersionStatus.State values (tensorflow_serving/apis/get_model_status.proto).
+START, LOADING, AVAILABLE, UNLOADING, END = 10, 20, 30, 40, 50
+
+
+class ServingError(Exception):
+    """A request the server refuses: carries the gRPC status TF Serving would answer with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def read_signature_defs(version_dir: Path) -> dict:
+    """The `serve` MetaGraph's SignatureDefs, as TF Serving returns them in GetModelMetadata."""
+    from google.protobuf import text_format
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel()
+    pb = version_dir / "saved_model.pb"
+    if pb.exists():
+        saved.ParseFromString(pb.read_bytes())
+    else:
+        text_format.Parse((version_dir / "saved_model.pbtxt").read_text(), saved)
+    for meta in saved.meta_graphs:
+        if "serve" in meta.meta_info_def.tags:
+            return dict(meta.signature_def)
+    raise ValueError(f"{version_dir}: no MetaGraph tagged 'serve' "
+                     f"(tags: {[list(m.meta_info_def.tags) for m in saved.meta_graphs]})")
+
+
+def dir_fingerprint(path: Path) -> tuple:
+    """Names, sizes and mtimes of every file below `path`: changes while anything is written."""
+    items = []
+    for root, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(root, f)
+            try:
+                st = os.stat(p)
+            except FileNotFoundError:
+                continue
+            items.append((os.path.relpath(p, path), st.st_size, st.st_mtime_ns))
+    return tuple(sorted(items))
+
+
+class Servable:
+    """One loaded SavedModel version; counts the requests that hold it."""
+
+    def __init__(self, name: str, version: int, path: Path, require_signature: str = ""):
+        import tensorflow as tf
+
+        self.name, self.version, self.path = name, version, path
+        self.signature_defs = read_signature_defs(path)
+        if require_signature and require_signature not in self.signature_defs:
+            raise ValueError(f"{path}: no signature {require_signature!r} "
+                             f"(has {sorted(self.signature_defs)})")
+        self.model = tf.saved_model.load(str(path), tags=["serve"])
+        self.functions = dict(self.model.signatures)
+        if require_signature and require_signature not in self.functions:
+            raise ValueError(f"{path}: signature {require_signature!r} did not load")
+        if not self.functions:
+            raise ValueError(f"{path}: SavedModel has no serving signatures")
+        self._inflight = 0
+        self._cond = threading.Condition()
+
+    def enter(self) -> None:
+        with self._cond:
+            self._inflight += 1
+
+    def exit(self) -> None:
+        with self._cond:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._cond.notify_all()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._inflight == 0, timeout)
+
+    def release(self) -> None:
+        self.model = None
+        self.functions = {}
+
+
+@dataclasses.dataclass
+class VersionRecord:
+    version: int
+    path: Path
+    state: int = START
+    error: str = ""  # why the version is not served (failed check or load)
+    fingerprint: tuple = ()
+    servable: Servable | None = None
+
+
+class _Lease:
+    """Context manager returned by `ModelRegistry.acquire`: the servable stays loaded inside."""
+
+    def __init__(self, servable: Servable):
+        self.servable = servable
+
+    def __enter__(self) -> Servable:
+        return self.servable
+
+    def __exit__(self, *exc) -> None:
+        self.servable.exit()
+
+
+class ModelRegistry:
+    def __init__(self, base_path: str | Path, *, poll_seconds: float = 1.0, num_versions: int = 1,
+                 require_signature: str = "serving_default",
+                 on_change: Callable[["ModelRegistry"], None] | None = None):
+        self.base_path = Path(base_path)
+        self.poll_seconds = poll_seconds
+        self.num_versions = max(1, num_versions)
+        self.require_signature = require_signature
+        self.on_change = on_change
+        self._lock = threading.Lock()
+        self._models: dict[str, dict[int, VersionRecord]] = {}
+        # name -> servables currently served, newest first; replaced (never mutated) on a swap.
+        self._serving: dict[str, tuple[Servable, ...]] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._poll_lock = threading.Lock()
+
+    # ---- requests ---------------------------------------------------------------------------
+    def acquire(self, name: str, version: int | None = None, label: str = "") -> _Lease:
+        """The servable for a ModelSpec; raises ServingError with TF Serving's status."""
+        if not name:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                               "Missing ModelSpec name: the request names no model")
+        if label:
+            # No model config file means no labels are assigned (server_core.cc).
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"Unrecognized servable version label: {label}")
+        with self._lock:
+            servables = self._serving.get(name, ())
+            chosen = None
+            if version is None:
+                chosen = servables[0] if servables else None
+            else:
+                chosen = next((s for s in servables if s.version == version), None)
+            if chosen is None:
+                what = f"Latest({name})" if version is None else f"Specific({name}, {version})"
+                raise ServingError(grpc.StatusCode.NOT_FOUND,
+                                   f"Servable not found for request: {what}")
+            chosen.enter()  # under the lock, so a concurrent swap cannot unload it first
+        return _Lease(chosen)
+
+    def status(self, name: str, version: int | None = None) -> list[VersionRecord]:
+        if not name:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "Missing model name in request.")
+        with self._lock:
+            records = self._models.get(name)
+            if not records:
+                raise ServingError(grpc.StatusCode.NOT_FOUND,
+                                   f"Could not find any versions of model {name}")
+            if version is None:
+                return [dataclasses.replace(r) for _, r in sorted(records.items())]
+            if version not in records:
+                raise ServingError(grpc.StatusCode.NOT_FOUND,
+                                   f"Could not find version {version} of model {name}")
+            return [dataclasses.replace(records[version])]
+
+    def knows(self, name: str) -> bool:
+        with self._lock:
+            return name in self._models
+
+    def model_names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._models)
+
+    def available(self) -> dict[str, list[int]]:
+        """Model name -> served versions, newest first."""
+        with self._lock:
+            return {n: [s.version for s in ss] for n, ss in self._serving.items() if ss}
+
+    # ---- polling ----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Polls in a background thread (call `poll_once` first to load before serving)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="model-registry-poll",
+                                            daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.poll_once()
+            except Exception:  # noqa: BLE001 - a bad poll must not end polling
+                log.exception("polling %s failed", self.base_path)
+
+    def poll_once(self) -> None:
+        with self._poll_lock:
+            if not self.base_path.is_dir():
+                log.warning("model base path %s does not exist (yet)", self.base_path)
+                names = set()
+            else:
+                names = {p.name for p in self.base_path.iterdir()
+                         if p.is_dir() and not p.name.startswith(".")}
+            changed = False
+            for name in sorted(names | set(self._models)):
+                changed |= self._reconcile(name)
+            if changed and self.on_change is not None:
+                self.on_change(self)
+
+    def _on_disk(self, name: str) -> dict[int, Path]:
+        model_dir = self.base_path / name
+        found = {}
+        if model_dir.is_dir():
+            for p in model_dir.iterdir():
+                # Only a positive integer is a version: temp dirs of an exporter are skipped.
+                if p.is_dir() and p.name.isdigit() and int(p.name) > 0:
+                    found[int(p.name)] = p
+        return found
+
+    def _reconcile(self, name: str) -> bool:
+        on_disk = self._on_disk(name)
+        with self._lock:
+            records = self._models.setdefault(name, {})
+        changed = False
+        for version in sorted(on_disk, reverse=True):
+            rec = records.get(version)
+            if rec is not None and rec.servable is not None:
+                continue
+            if rec is not None and rec.state == LOADING:
+                continue
+            if self._newest_loaded_count(records, on_disk, above=version) >= self.num_versions:
+                break  # enough newer versions already serve: older ones are not aspired
+            path = on_disk[version]
+            fingerprint = dir_fingerprint(path)
+            if rec is not None and rec.error and rec.fingerprint == fingerprint:
+                continue  # failed before, files unchanged: do not retry
+            if not any((path / f).is_file() for f in SAVED_MODEL_FILES):
+                continue  # no saved_model.pb yet: being written, look again next poll
+            rec = VersionRecord(version, path, LOADING, fingerprint=fingerprint)
+            with self._lock:
+                records[version] = rec
+            changed = True
+            self._load(name, rec)
+        changed |= self._swap(name, on_disk)
+        return changed
+
+    @staticmethod
+    def _newest_loaded_count(records: dict[int, VersionRecord], on_disk: dict[int, Path],
+                             above: int) -> int:
+        return sum(1 for v, r in records.items()
+                   if v > above and v in on_disk and r.servable is not None)
+
+    def _load(self, name: str, rec: VersionRecord) -> None:
+        started = time.monotonic()
+        log.info("loading %s version %d from %s", name, rec.version, rec.path)
+        try:
+            servable = Servable(name, rec.version, rec.path, self.require_signature)
+        except Exception as e:  # noqa: BLE001 - any failure means: do not serve this one
+            msg = f"{type(e).__name__}: {e}".strip()[:2000]
+            log.error("cannot load %s version %d (%s): %s", name, rec.version, rec.path, msg)
+            with self._lock:
+                rec.state, rec.error = END, msg
+            return
+        after = dir_fingerprint(rec.path)
+        if after != rec.fingerprint:
+            # Files changed while loading: something is still writing; try again next poll.
+            servable.release()
+            log.warning("%s version %d changed while loading; retrying next poll", name,
+                        rec.version)
+            with self._lock:
+                self._models[name].pop(rec.version, None)
+            return
+        with self._lock:
+            rec.servable = servable
+        log.info("loaded %s version %d in %.2fs (signatures %s)", name, rec.version,
+                 time.monotonic() - started, sorted(servable.functions))
+
+    def _swap(self, name: str, on_disk: dict[int, Path]) -> bool:
+        """Makes the newest loaded versions current in one assignment; retires the others."""
+        with self._lock:
+            records = self._models[name]
+            changed = False
+            for v in [v for v, r in records.items()
+                      if v not in on_disk and r.servable is None and r.state != LOADING]:
+                records.pop(v)  # deleted from disk and not loaded: forget it
+                changed = True
+            loaded = sorted((r for v, r in records.items() if r.servable is not None
+                             and v in on_disk and r.state != UNLOADING),
+                            key=lambda r: r.version, reverse=True)
+            keep = loaded[: self.num_versions]
+            keep_versions = {r.version for r in keep}
+            new = tuple(r.servable for r in keep)
+            old = self._serving.get(name, ())
+            for r in keep:
+                r.state = AVAILABLE
+            retired = [r for r in records.values() if r.servable is not None
+                       and r.version not in keep_versions and r.state != UNLOADING]
+            for r in retired:
+                r.state = UNLOADING
+            switched = [s.version for s in new] != [s.version for s in old]
+            if switched:
+                self._serving[name] = new  # the one reference swap requests see
+            if not records:
+                self._models.pop(name)
+                self._serving.pop(name, None)
+        if switched:
+            log.info("%s now serves versions %s", name, [s.version for s in new])
+        for r in retired:
+            threading.Thread(target=self._unload, args=(name, r), daemon=True,
+                             name=f"unload-{name}-{r.version}").start()
+        return changed or switched or bool(retired)
+
+    def _unload(self, name: str, rec: VersionRecord) -> None:
+        servable = rec.servable
+        servable.wait_idle()  # requests that acquired it before the swap finish on it
+        with self._lock:
+            rec.servable = None
+            rec.state = END
+        servable.release()
+        log.info("unloaded %s version %d", name, rec.version)
+
+    def unload_all(self) -> None:
+        with self._lock:
+            self._serving = {}
+            for records in self._models.values():
+                for r in records.values():
+                    if r.servable is not None:
+                        r.servable.release()
+                        r.servable, r.state = None, END

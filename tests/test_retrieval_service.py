@@ -1,0 +1,476 @@
+"""The retrieval service over real gRPC on loopback, with a real exported query tower and a real
+index: answers, request validation, readiness, model/index pairing, deadlines, saturation, TLS,
+metrics, the remote (PredictionService) embedding path and `ebr query`."""
+from __future__ import annotations
+
+import concurrent.futures
+import filecmp
+import math
+import subprocess
+import sys
+import time
+import urllib.request
+
+import grpc
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from serving_fixtures import REPO, shared_stack
+
+from ebr import features
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    return shared_stack(tmp_path_factory)
+
+
+def start(stack_or_index, model=None, **kw):
+    from serving.retrieval_service import RetrievalServer, ServeConfig
+
+    is_stack = hasattr(stack_or_index, "index_base")
+    index_path = str(stack_or_index.index_base if is_stack else stack_or_index)
+    model = model or (str(stack_or_index.query_tower) if is_stack else None)
+    cfg = dict(index=index_path, model=model, host="127.0.0.1", port=0, metrics_port=0,
+               poll_seconds=0.2, drain_seconds=1.0)
+    cfg.update(kw)
+    return RetrievalServer(ServeConfig(**cfg)).start()
+
+
+@pytest.fixture(scope="module")
+def server(stack):
+    srv = start(stack)
+    yield srv
+    srv.stop(0)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from serving.retrieval_client import RetrievalClient
+
+    with RetrievalClient(f"127.0.0.1:{server.port}") as c:
+        yield c
+
+
+def test_generated_code_is_current(tmp_path):
+    subprocess.run([sys.executable, str(REPO / "serving/protos/generate.py"), str(tmp_path)],
+                   check=True, capture_output=True)
+    for name in ("retrieval_pb2.py", "retrieval_pb2_grpc.py"):
+        assert filecmp.cmp(tmp_path / "serving" / name, REPO / "serving" / name, shallow=False), (
+            f"serving/{name} is stale: run `python serving/protos/generate.py`")
+
+
+def test_retrieve_answers_from_the_pair(stack, client):
+    searcher = stack.searchers[0]
+    values = features.query_values("", searcher, [])
+    del values["query"]
+    doc = stack.docs[5]
+    title_word = doc["text"].split()[-1]
+    r = client.retrieve(title_word, searcher=values, k=10)
+    assert len(r.doc_ids) == 10 and len(set(r.doc_ids)) == 10
+    assert all(d in {x["doc_id"] for x in stack.docs} for d in r.doc_ids)
+    assert r.scores == sorted(r.scores, reverse=True)
+    assert (r.model_version, r.index_version, r.backend) == (1, 1, "exact")
+    assert r.documents_scanned == len(stack.docs)
+    assert {"validate", "embed", "search", "total"} <= set(r.latency_micros)
+    assert r.latency_micros["total"] >= r.latency_micros["embed"] > 0
+
+    # The same vector computed in-process scores the same documents (no reordering on the wire).
+    from serving.embedder import LocalModelSource, build_inputs
+    import index
+
+    vec = LocalModelSource(stack.query_tower).open(1).embed(
+        build_inputs([dict(values, query=title_word)]))
+    direct = index.open_index(str(stack.index_base)).search(vec, 10)
+    assert r.doc_ids == list(direct.doc_ids[0])
+    assert r.scores == pytest.approx(list(direct.scores[0]), abs=1e-5)
+
+    # Filter and radius reach the index.
+    seattle = client.retrieve(title_word, searcher=values, k=10, filter="city:seattle")
+    by_id = {d["doc_id"]: d for d in stack.docs}
+    assert seattle.doc_ids and all(by_id[d]["city"] == "seattle" for d in seattle.doc_ids)
+    cut = r.scores[3]
+    near = client.retrieve(title_word, searcher=values, k=10, radius=cut)
+    assert near.doc_ids and all(s >= cut - 1e-5 for s in near.scores)
+    assert len(near.doc_ids) <= 4 + 1  # ties at the cut may add one
+
+
+def test_batched_embeddings_equal_single_ones(stack):
+    """Dynamic batching pads MULTI features to the longest list in the batch; the tower must
+    give every query the vector it gets alone."""
+    import numpy as np
+
+    from serving.embedder import EmbedBatcher, LocalModelSource, build_inputs
+
+    encoder = LocalModelSource(stack.query_tower).open(1)
+    rows = [dict(features.query_values(f"club t{i}x", s, [f"d{j}" for j in range(i % 7)]))
+            for i, s in enumerate(stack.searchers[:24])]
+    alone = np.concatenate([encoder.embed(build_inputs([r])) for r in rows])
+    sizes = []
+    batcher = EmbedBatcher(max_batch=8, threads=1, on_batch=sizes.append)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            batched = np.concatenate(list(pool.map(lambda r: batcher.embed(encoder, r), rows)))
+    finally:
+        batcher.close()
+    assert max(sizes) > 1 and sum(sizes) == len(rows)
+    np.testing.assert_allclose(batched, alone, atol=1e-5)
+
+
+def test_recommendation_request_without_text(stack, client):
+    values = features.query_values("", stack.searchers[1], ["d1", "d2"])
+    del values["query"]
+    r = client.retrieve("", searcher=values, k=5)
+    assert len(r.doc_ids) == 5
+
+
+BAD = [
+    (dict(query=""), "query"),
+    (dict(query="   "), "query"),
+    (dict(query="x" * (features.MAX_TEXT_CHARS + 1)), "query"),
+    (dict(query="x", k=0), "k"),
+    (dict(query="x", k=-3), "k"),
+    (dict(query="x", k=1001), "k"),
+    (dict(query="x", filter="city:seattle AND (type:group"), "filter"),
+    (dict(query="x", filter="AND AND"), "filter"),
+    (dict(query="x", radius=math.nan), "radius"),
+    (dict(query="x", radius=math.inf), "radius"),
+    (dict(query="x", backend="no-such-backend"), "backend"),
+    (dict(query="x", ensemble="no-such-ensemble"), "ensemble"),
+    (dict(query="x", searcher={"friends": ["f" * 300]}), "searcher.friends[0]"),
+    (dict(query="x", searcher={"city": "c" * 300}), "searcher.city"),
+]
+
+
+def test_bad_requests_name_the_field_and_the_server_keeps_serving(client):
+    for kwargs, field in BAD:
+        kwargs = dict(kwargs)
+        query = kwargs.pop("query")
+        kwargs.setdefault("k", 5)
+        with pytest.raises(grpc.RpcError) as e:
+            client.retrieve(query, **kwargs)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (kwargs, e.value.details())
+        assert e.value.details().startswith(f"{field}:"), (kwargs, e.value.details())
+    assert len(client.retrieve("club", k=3).doc_ids) == 3
+
+
+def test_undecodable_request_is_invalid_argument(server, client):
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    raw = channel.unary_unary("/ebr.retrieval.v1.Retrieval/Retrieve",
+                              request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    # Truncated (field 1 claims 5 bytes, 2 follow) and invalid UTF-8 in a proto3 string.
+    for blob in (b"\x0a\x05hi", b"\x0a\x02\xff\xfe"):
+        with pytest.raises(grpc.RpcError) as e:
+            raw(blob, timeout=5)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.value.details().startswith("request: not a RetrieveRequest")
+    channel.close()
+    assert client.retrieve("club", k=1).doc_ids
+
+
+texts = st.text(max_size=40) | st.text(min_size=990, max_size=1010)
+searchers = st.fixed_dictionaries({}, optional={
+    "searcher_id": st.text(max_size=20), "city": st.text(max_size=300),
+    "friends": st.lists(st.text(max_size=270), max_size=80),
+    "history_doc_ids": st.lists(st.sampled_from(["d1", "d2", "nope", ""]), max_size=15),
+    "attributes": st.lists(st.text(max_size=12), max_size=40)})
+
+
+@settings(max_examples=120, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(query=texts, searcher=searchers, k=st.integers(-5, 1200),
+       filter=st.sampled_from(["", "city:seattle", "type:group OR city:paris", "((", "NOT",
+                               "city:", "a AND", "attributes.topic:music"]) | st.text(max_size=30),
+       radius=st.none() | st.floats(allow_nan=True, allow_infinity=True, width=32),
+       backend=st.sampled_from(["", "exact", "scann", "x"]))
+def test_generated_requests_never_crash_the_server(client, query, searcher, k, filter, radius,
+                                                   backend):
+    try:
+        r = client.retrieve(query, searcher=searcher, k=k, filter=filter, radius=radius,
+                            backend=backend)
+        assert len(r.doc_ids) <= k
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e.details()
+
+
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(blob=st.binary(max_size=200))
+def test_generated_bytes_never_crash_the_server(server, blob):
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    raw = channel.unary_unary("/ebr.retrieval.v1.Retrieval/Retrieve",
+                              request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    try:
+        raw(blob, timeout=5)
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e.details()
+    finally:
+        channel.close()
+
+
+def test_health_is_serving_only_with_model_and_index(stack, tmp_path):
+    from serving.retrieval_client import RetrievalClient
+
+    empty_base = tmp_path / "index"
+    empty_base.mkdir()
+    srv = start(empty_base, model=str(stack.query_tower))
+    try:
+        with RetrievalClient(f"127.0.0.1:{srv.port}") as c:
+            assert c.health() == "NOT_SERVING"
+            assert c.health("") == "NOT_SERVING"
+            assert c.health("liveness") == "SERVING"  # alive, not ready: no restart loop
+            with pytest.raises(grpc.RpcError) as e:
+                c.retrieve("club", k=3)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "index" in e.value.details()
+            # Publish the index the way the builder does (a complete directory renamed in).
+            (tmp_path / "staging").mkdir()
+            import shutil
+
+            shutil.copytree(stack.index_base / "1", tmp_path / "staging" / "1")
+            (tmp_path / "staging" / "1").rename(empty_base / "1")
+            c.wait_ready(timeout=20)
+            assert c.retrieve("club", k=3).index_version == 1
+    finally:
+        srv.stop(0)
+    with RetrievalClient(f"127.0.0.1:{srv.port}") as c:
+        assert c.health(timeout=0.5) == "UNAVAILABLE"
+
+
+def test_model_index_mismatch_refused_at_start_and_on_reload(stack, tmp_path):
+    from serving.retrieval_client import RetrievalClient
+    from serving.retrieval_service import ModelIndexMismatch
+
+    base = tmp_path / "index"
+    base.mkdir()
+    stack.publish_index(1, model_version=1, dimension=24, base=base)
+    with pytest.raises(ModelIndexMismatch, match=r"dimension 16 \(model\) != 24 \(index\)"):
+        start(base, model=str(stack.query_tower))
+
+    stack.publish_index(2, model_version=1, base=base)  # a good version on top: starts on it
+    srv = start(base, model=str(stack.query_tower))
+    try:
+        with RetrievalClient(f"127.0.0.1:{srv.port}") as c:
+            assert c.retrieve("club", k=3).index_version == 2
+            stack.publish_index(3, model_version=1, schema_hash="0123456789abcdef", base=base)
+            deadline = time.monotonic() + 20
+            while srv.metrics.reloads.labels("refused")._value.get() < 1:
+                assert time.monotonic() < deadline, "reload of a mismatching index not refused"
+                time.sleep(0.1)
+            assert c.health() == "SERVING"
+            r = c.retrieve("club", k=3)
+            assert (r.index_version, r.model_version) == (2, 1)
+            assert "schema_hash" in srv.manager._refused[3]
+    finally:
+        srv.stop(0)
+
+
+def test_in_process_model_swaps_with_its_index(stack, tmp_path):
+    """Local mode: a new index naming a new model version loads that model in-process, then
+    both switch together."""
+    import json
+    import shutil
+
+    from serving.retrieval_client import RetrievalClient
+
+    fork = stack.fork(tmp_path)
+    for tower in ("query_tower", "doc_tower"):  # republish v1's weights as v2 (temp + rename)
+        staging = fork.model_dir / tower / ".tmp-2"
+        shutil.copytree(fork.model_dir / tower / "1", staging)
+        meta = json.loads((staging / "ebr_metadata.json").read_text())
+        (staging / "ebr_metadata.json").write_text(json.dumps(dict(meta, version=2)))
+        staging.rename(fork.model_dir / tower / "2")
+    srv = start(fork)
+    try:
+        with RetrievalClient(f"127.0.0.1:{srv.port}") as c:
+            assert (c.retrieve("club", k=3).model_version, srv.manager.pair.index_version) == (1, 1)
+            fork.publish_index(2, model_version=2)
+            deadline = time.monotonic() + 30
+            while (r := c.retrieve("club", k=3)).index_version != 2:
+                assert time.monotonic() < deadline, "new pair not loaded"
+                time.sleep(0.1)
+            assert r.model_version == 2
+    finally:
+        srv.stop(0)
+
+
+def test_deadline_is_honoured(client, server):
+    seen = set()
+    for _ in range(20):
+        try:
+            client.retrieve("club", k=10, timeout=0.0005)
+            seen.add("OK")
+        except grpc.RpcError as e:
+            seen.add(e.code().name)
+    assert "DEADLINE_EXCEEDED" in seen
+    assert seen <= {"OK", "DEADLINE_EXCEEDED"}
+    assert client.retrieve("club", k=3).doc_ids
+
+
+def test_saturation_answers_resource_exhausted(stack):
+    from serving.retrieval_client import RetrievalClient, make_request
+
+    srv = start(stack, workers=1, max_queue=0)
+    try:
+        with RetrievalClient(f"127.0.0.1:{srv.port}") as c:
+            request = make_request("club hiking", k=50)
+            futs = [c.stub.Retrieve.future(request, timeout=30) for _ in range(64)]
+            codes = []
+            for f in futs:
+                try:
+                    f.result()
+                    codes.append("OK")
+                except grpc.RpcError as e:
+                    codes.append(e.code().name)
+            assert "RESOURCE_EXHAUSTED" in codes and "OK" in codes
+            assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}
+            assert c.retrieve("club", k=3).doc_ids  # recovers once the burst is gone
+    finally:
+        srv.stop(0)
+
+
+def test_metrics_endpoint(server, client):
+    client.retrieve("club", k=3)
+    with pytest.raises(grpc.RpcError):
+        client.retrieve("", k=3)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
+    assert 'ebr_retrieval_requests_total{code="OK"}' in text
+    assert 'ebr_retrieval_errors_total{code="INVALID_ARGUMENT"}' in text
+    assert 'ebr_retrieval_latency_seconds_bucket{le="0.005",stage="embed"}' in text
+    assert "ebr_retrieval_documents_scanned_count" in text
+    assert "ebr_retrieval_index_version 1.0" in text
+    assert "ebr_retrieval_embed_batch_size_count" in text
+
+
+def _self_signed(tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return str(cert), str(key)
+
+
+def test_tls(stack, tmp_path):
+    from serving.retrieval_client import RetrievalClient
+
+    cert, key = _self_signed(tmp_path)
+    srv = start(stack, tls_cert=cert, tls_key=key)
+    try:
+        with RetrievalClient(f"localhost:{srv.port}", tls_ca=cert) as c:
+            assert c.retrieve("club", k=2).doc_ids
+        with RetrievalClient(f"localhost:{srv.port}") as plain:
+            with pytest.raises(grpc.RpcError) as e:
+                plain.retrieve("club", k=2, timeout=3)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        srv.stop(0)
+
+
+def test_tls_to_the_model_server(stack, tmp_path):
+    from serving.model_server import start_model_server
+    from serving.retrieval_client import RetrievalClient
+
+    cert, key = _self_signed(tmp_path)
+    ms = start_model_server(stack.model_dir, 0, tls_cert=cert, tls_key=key)
+    try:
+        ms.wait_until_serving(30)
+        srv = start(stack, model_address=f"localhost:{ms.port}", model_tls_ca=cert)
+        try:
+            with RetrievalClient(f"127.0.0.1:{srv.port}") as c:
+                assert c.retrieve("club", k=2).model_version == 1
+        finally:
+            srv.stop(0)
+    finally:
+        ms.stop(0)
+
+
+def test_remote_model_over_prediction_service(stack):
+    """Embedding through TF Serving's API (our model server): same answers as in-process."""
+    from serving.model_server import start_model_server
+    from serving.retrieval_client import RetrievalClient
+
+    ms = start_model_server(stack.model_dir, 0, num_versions=2, poll_seconds=0.2)
+    try:
+        ms.wait_until_serving(30)
+        srv = start(stack, model=str(stack.query_tower), model_address=f"127.0.0.1:{ms.port}")
+        try:
+            with RetrievalClient(f"127.0.0.1:{srv.port}") as c:
+                remote = c.retrieve("club hiking", k=10)
+            assert remote.model_version == 1
+        finally:
+            srv.stop(0)
+        # Address only (no metadata dir): dimension checked from the signature.
+        srv = start(stack, model=None, model_address=f"127.0.0.1:{ms.port}")
+        try:
+            assert srv.manager.pair.encoder.info.dimension == 16
+        finally:
+            srv.stop(0)
+    finally:
+        ms.stop(0)
+    local = start(stack)
+    try:
+        with RetrievalClient(f"127.0.0.1:{local.port}") as c:
+            here = c.retrieve("club hiking", k=10)
+    finally:
+        local.stop(0)
+    assert remote.doc_ids == here.doc_ids
+    assert remote.scores == pytest.approx(here.scores, abs=1e-5)
+
+
+def test_ensemble_hook(stack):
+    from serving.retrieval_client import RetrievalClient
+    from serving.retrieval_service import EnsembleResult, RetrievalServer, ServeConfig
+
+    def reverse(call):  # a real search through the pair, re-ranked: exercises the plumbing
+        if call.k > 50:
+            raise ValueError(f"k={call.k} exceeds this ensemble's 50")
+        vec = call.pair.encoder.embed(call.inputs)
+        res = call.pair.searcher.search(vec, call.k)
+        return EnsembleResult(list(res.doc_ids[0])[::-1], list(res.scores[0])[::-1],
+                              int(res.scanned[0]))
+
+    srv = RetrievalServer(ServeConfig(index=str(stack.index_base), model=str(stack.query_tower),
+                                      host="127.0.0.1", port=0),
+                          ensemble_registry={"reverse": reverse}).start()
+    try:
+        with RetrievalClient(f"127.0.0.1:{srv.port}") as c:
+            plain = c.retrieve("club", k=5)
+            ens = c.retrieve("club", k=5, ensemble="reverse")
+            with pytest.raises(grpc.RpcError) as e:
+                c.retrieve("club", k=60, ensemble="reverse")
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert e.value.details().startswith("ensemble: k=60")
+        assert ens.doc_ids == plain.doc_ids[::-1]
+        assert "ensemble" in ens.latency_micros
+    finally:
+        srv.stop(0)
+
+
+def test_ebr_query_prints_a_table(server, stack, capsys, tmp_path):
+    import json
+
+    from ebr.cli import main
+    from serving.cli import searcher_values
+
+    searchers = tmp_path / "searchers.jsonl"
+    searchers.write_text("".join(json.dumps(s) + "\n" for s in stack.searchers))
+    parser = __import__("ebr.cli", fromlist=["build_parser"]).build_parser()
+    args = parser.parse_args(["query", "club", "--searcher", "s3", "--searchers", str(searchers),
+                              "--city", "lima", "--history", "d1"])
+    values = searcher_values(args)
+    assert values["searcher_id"] == "s3" and values["city"] == "lima"
+    assert "searcher_city" not in values and values["history_doc_ids"] == ["d1"]
+    assert values["searcher_friends"] == stack.searchers[3]["friends"]
+    rc = main(["query", "club", "--address", f"127.0.0.1:{server.port}", "--searcher", "s3",
+               "--searchers", str(searchers), "--json"])
+    assert rc == 0 and len(json.loads(capsys.readouterr().out)["doc_ids"]) == 10
+
+    rc = main(["query", "club hiking", "--address", f"127.0.0.1:{server.port}", "-k", "4",
+               "--searcher", "s1", "--filter", "city:seattle"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "rank" in out and "score" in out and out.count("\n") >= 5
+    rc = main(["query", "", "--address", f"127.0.0.1:{server.port}"])
+    assert rc == 1
+    assert "INVALID_ARGUMENT: query:" in capsys.readouterr().out
