@@ -111,28 +111,8 @@ def resolve_model(path: str) -> tuple[str, dict]:
 
 
 def doc_inputs(rows: list[dict]) -> dict[str, np.ndarray]:
-    """Signature inputs for a batch of document feature dicts (keys `features.DOC_INPUTS`):
-    scalar kinds [B], MULTI kinds [B, N] padded with "" (N = longest list, at least 1), lists
-    truncated to the schema's max_values (most recent end kept, as in `make_example`)."""
-    out: dict[str, np.ndarray] = {}
-    for name in features.DOC_INPUTS:
-        spec = features.BY_NAME[name]
-        if spec.kind == features.MULTI:
-            lists = []
-            for row in rows:
-                vals = list(row.get(name) or [])
-                if spec.max_values and len(vals) > spec.max_values:
-                    vals = vals[-spec.max_values:]
-                lists.append(vals)
-            width = max(1, max((len(v) for v in lists), default=0))
-            arr = np.full((len(rows), width), b"", dtype=object)
-            for i, vals in enumerate(lists):
-                arr[i, :len(vals)] = [v.encode("utf-8") for v in vals]
-            out[name] = arr
-        else:
-            out[name] = np.array([(row.get(name) or "").encode("utf-8") for row in rows],
-                                 dtype=object)
-    return out
+    """Signature inputs of the doc tower for a batch of document feature dicts."""
+    return features.tower_inputs(rows, features.DOC_INPUTS)
 
 
 class _Tower:

@@ -236,3 +236,32 @@ def document_filter_terms(values: dict) -> list[str]:
             terms.append(f"{key}:{normalize_text(str(value))}")
     terms += [f"attributes.{t}" for t in values.get("doc_attributes", [])]
     return terms
+
+
+def tower_inputs(rows, names: tuple[str, ...]) -> dict:
+    """Serving-signature inputs for a batch of feature-value dicts (`query_values` /
+    `document_values` shapes): scalar kinds as [B] bytes, MULTI kinds as [B, N] padded with b""
+    (N = longest list, at least 1). Missing features are empty; lists longer than `max_values`
+    keep their most recent end, as `make_example` does for training data."""
+    import numpy as np
+
+    def as_bytes(value, name: str) -> bytes:
+        if isinstance(value, bytes):
+            return value
+        if not isinstance(value, str):  # a nested list or a number is bad input, not text
+            raise TypeError(f"feature {name!r}: expected a string, got {type(value).__name__}")
+        return value.encode("utf-8")
+
+    out = {}
+    for name in names:
+        spec = BY_NAME[name]
+        if spec.kind != MULTI:
+            out[name] = np.array([as_bytes(row.get(name) or "", name) for row in rows], dtype=object)
+            continue
+        lists = [list(row.get(name) or [])[-spec.max_values:] if spec.max_values
+                 else list(row.get(name) or []) for row in rows]
+        arr = np.full((len(rows), max([1, *map(len, lists)])), b"", dtype=object)
+        for i, vals in enumerate(lists):
+            arr[i, :len(vals)] = [as_bytes(v, name) for v in vals]
+        out[name] = arr
+    return out
