@@ -91,6 +91,14 @@ def train_index(X: np.ndarray, factory: str, *, train_size: int | None = None, s
             raise ValueError(f"{factory}: IMI needs L2-normalised document embeddings "
                              f"(norms range {norms.min():.4f}..{norms.max():.4f})")
     index = faiss.index_factory(d, factory, metric)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.cp.seed = seed
+        ivf = faiss.downcast_index(ivf)
+        # Polysemous training only serves Hamming pre-filtering (polysemous_ht), which this
+        # index never uses, and costs seconds per build (~14 s against 0.04 s at 800 vectors).
+        if hasattr(ivf, "do_polysemous_training"):
+            ivf.do_polysemous_training = False
     # ~50 points per coarse centroid and enough for 256-centroid PQ codebooks.
     want = train_size or max(50 * _coarse_centroids(factory, d), 65_536)
     rng = np.random.default_rng(seed)

@@ -1,0 +1,167 @@
+"""`ebr demo`: the whole flow end to end on the embedded default data, everything under --out.
+
+generate social-search logs -> Beam examples pipeline -> train the unified model and export the
+towers -> evaluate -> embed the corpus (Beam) -> build the IVF-PQ index -> start the model server
+(TF Serving API) and the retrieval service as real processes -> ask a few queries over gRPC.
+Each stage is the same `ebr` subcommand a user would run; the commands are printed as they go.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("ebr.demo")
+
+# Small enough for a laptop-sized run (a few minutes on 2 cores), large enough that the
+# generator's structure (shared names, communities, typos) shows up in the results.
+DEMO_DATA = dict(documents=5_000, sessions=40_000, seed=7)
+DEMO_TRAIN = ["epochs=3", "batch_size=512", "hash_bucket_cap=50000", "text_char_buckets=50000",
+              "text_word_buckets=50000", "eval_ks=10,50,100"]
+NUM_QUERIES = 4
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="run the whole stack end to end on generated data")
+    p.add_argument("--out", default="ebr-demo", help="everything the demo makes goes here")
+    p.add_argument("--documents", type=int, default=DEMO_DATA["documents"])
+    p.add_argument("--sessions", type=int, default=DEMO_DATA["sessions"])
+    p.add_argument("--seed", type=int, default=DEMO_DATA["seed"])
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra training config override (repeatable)")
+    p.set_defaults(func=run)
+
+
+def _stage(title: str, argv: list[str]) -> None:
+    from ebr.cli import main
+
+    print(f"\n=== {title}\n$ ebr {shlex.join(argv)}", flush=True)
+    started = time.perf_counter()
+    code = main(argv)
+    if code:
+        raise SystemExit(f"ebr demo: stage '{title}' failed with exit code {code}")
+    print(f"--- {title}: {time.perf_counter() - started:.1f} s", flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sample_queries(raw: Path, n: int) -> list[dict]:
+    """Distinct clicked queries from the logs, with the searcher who asked them."""
+    path = _raw_file(raw, "sessions")
+    opener = gzip.open if path.suffix == ".gz" else open
+    seen, out = set(), []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            s = json.loads(line)
+            if s.get("query") and s.get("clicks") and s["query"] not in seen:
+                seen.add(s["query"])
+                out.append(s)
+                if len(out) == n:
+                    break
+    return out
+
+
+def _start(argv: list[str], log_path: Path) -> subprocess.Popen:
+    print(f"$ ebr {shlex.join(argv)} &", flush=True)
+    return subprocess.Popen([sys.executable, "-m", "ebr.cli", *argv], stdout=log_path.open("w"),
+                            stderr=subprocess.STDOUT, env=dict(os.environ))
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)  # graceful drain
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def run(args) -> int:
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    raw, examples, models = out / "raw", out / "examples", out / "models"
+    embeddings, index = out / "embeddings", out / "index"
+
+    _stage("generate social-search logs", ["data", "social", "--out", str(raw), "--documents",
+                                            str(args.documents), "--sessions", str(args.sessions),
+                                            "--seed", str(args.seed)])
+    _stage("examples pipeline (Beam)", ["pipeline", "examples", "--input", str(raw), "--output",
+                                        str(examples)])
+    train_sets = [x for item in DEMO_TRAIN + list(args.set) for x in ("--set", item)]
+    _stage("train and export towers", ["train", "--data-dir", str(examples), "--model-dir",
+                                       str(models), "--output", str(out / "train.json"), *train_sets])
+    _stage("evaluate (exact search over the corpus)",
+           ["evaluate", "--model", str(models / "query_tower"), "--doc-model",
+            str(models / "doc_tower"), "--data-dir", str(examples), "--output", str(out / "eval.json")])
+    _stage("embed the corpus (Beam)", ["embed", "--model", str(models / "doc_tower"), "--corpus",
+                                       str(examples / "corpus"), "--output", str(embeddings)])
+    _stage("build the ANN index", ["index", "build", "--embeddings", str(embeddings), "--output",
+                                   str(index)])
+
+    print("\n=== serve: model server (TF Serving API) + retrieval service", flush=True)
+    model_port, retrieval_port = _free_port(), _free_port()
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    servers = [_start(["serve", "model", "--model-base-path", str(models), "--port", str(model_port),
+                       "--rest-port", "0"], logs / "model_server.log")]
+    try:
+        servers.append(_start(["serve", "retrieval", "--index", str(index), "--model-address",
+                               f"localhost:{model_port}", "--model", str(models / "query_tower"),
+                               "--port", str(retrieval_port)], logs / "retrieval.log"))
+        from serving.retrieval_client import RetrievalClient
+
+        address = f"localhost:{retrieval_port}"
+        with RetrievalClient(address) as client:
+            try:
+                client.wait_ready(timeout=180)
+            except Exception as e:
+                raise SystemExit(f"ebr demo: retrieval service did not become ready ({e}); "
+                                 f"see {logs}") from None
+        for session in _sample_queries(raw, NUM_QUERIES):
+            _stage(f"query {session['query']!r} (the log: {session['searcher_id']} clicked "
+                   f"{', '.join(session['clicks'])})", ["query", session["query"], "--address", address,
+                                                   "--searcher", session["searcher_id"], "--searchers",
+                                                   str(_raw_file(raw, "searchers")), "-k", "5"])
+        first = _sample_queries(raw, 1)[0]
+        _stage("filtered query", ["query", first["query"], "--address", address, "--searcher",
+                                  first["searcher_id"], "--searchers", str(_raw_file(raw, "searchers")),
+                                  "-k", "5", "--filter", "NOT type:person"])
+    finally:
+        for proc in reversed(servers):
+            _stop(proc)
+
+    metrics = json.loads((out / "eval.json").read_text())
+    print(f"\nDone. Everything is under {out}.\nHeld-out recall: {json.dumps(_recalls(metrics))}")
+    return 0
+
+
+def _raw_file(raw: Path, name: str) -> Path:
+    plain = raw / f"{name}.jsonl"
+    return plain if plain.exists() else raw / f"{name}.jsonl.gz"
+
+
+def _recalls(metrics: dict) -> dict:
+    """The recall@K numbers wherever `ebr evaluate` nests them."""
+    found = {}
+
+    def walk(node, prefix=""):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        elif isinstance(node, (int, float)) and "recall" in prefix:
+            found[prefix.rstrip(".")] = round(float(node), 4)
+
+    walk(metrics)
+    return found

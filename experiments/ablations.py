@@ -1,0 +1,210 @@
+"""The paper's training-data ablations as training sets (paper section 2.4).
+
+Place in the data flow: OUT of `ebr pipeline examples` (docs/contracts.md 2) -> a data
+directory of the same layout whose `train/` is rewritten; the trainer reads it unchanged.
+
+* `impression_negatives`: every training example carries its session's non-clicked impressions
+  as `negative_doc_ids` (the paper's "non-click impressions as negatives"; it found -55% recall
+  against random negatives, because impressions of a production engine are too hard and not
+  representative of the whole corpus an embedding model must rank).
+* `impression_positives`: the non-clicked impressions become positives too (the paper's
+  "click + impression positives"; it found no gain over clicks alone).
+
+Both are Beam pipelines on the local runner by default (any runner by options), writing to a
+temp directory renamed into place, with the other parts of the examples directory copied.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from ebr import features
+from experiments import mining
+
+log = logging.getLogger(__name__)
+
+TRAIN_GLOB = "train/examples-*.tfrecord.gz"
+IMPRESSIONS_GLOB = "impressions/train/examples-*.tfrecord.gz"
+
+
+def _read(p, pattern: str, label: str):
+    import apache_beam as beam
+    from apache_beam.io.filesystems import FileSystems
+
+    if not FileSystems.match([pattern])[0].metadata_list:
+        raise FileNotFoundError(f"no TFRecords match {pattern}")
+    return (p | f"Read{label}" >> beam.io.ReadFromTFRecord(pattern)
+            | f"Parse{label}" >> beam.Map(features.parse_example))
+
+
+def _clean(ex: dict) -> dict:
+    return {k: v for k, v in ex.items() if k in features.BY_NAME}
+
+
+def _session(ex: dict) -> str:
+    return (ex.get("session_id") or [""])[0]
+
+
+def _attach_impressions(kv, max_per_example: int, seed: int):
+    """(session, {"train": [...], "impr": [...]}) -> train examples with negatives."""
+    import apache_beam as beam
+
+    _, groups = kv
+    clicked = {d for ex in groups["train"] for d in ex.get("doc_id", [])}
+    shown = sorted({d for ex in groups["impr"] for d in ex.get("doc_id", [])} - clicked)
+    for ex in groups["train"]:
+        negs = shown
+        if len(negs) > max_per_example:
+            rng = mining.rng_for(f"{_session(ex)}/{ex.get('doc_id', [''])[0]}", seed)
+            negs = [negs[i] for i in sorted(rng.choice(len(negs), max_per_example, replace=False))]
+        beam.metrics.Metrics.counter("ablation", "with_negatives" if negs else "without_negatives").inc()
+        out = _clean(ex)
+        out["negative_doc_ids"] = list(dict.fromkeys(list(ex.get("negative_doc_ids", [])) + negs))
+        yield features.make_example(out)
+
+
+def _rewrite(examples: str, output: str, build, beam_args, what: str) -> dict:
+    from apache_beam.metrics.metric import MetricsFilter
+
+    import apache_beam as beam
+    from beam_pipelines.mine_negatives import MARKERS, carry_parts
+    from beam_pipelines.options import make_pipeline
+    from beam_pipelines.outputs import check_replaceable, publish, remove, temp_dir_for, write_json
+
+    check_replaceable(output, MARKERS)
+    tmp = temp_dir_for(output)
+    try:
+        p = make_pipeline(beam_args)
+        records = build(p)
+        _ = records | "WriteTrain" >> beam.io.WriteToTFRecord(
+            os.path.join(tmp, "train", "examples"), file_name_suffix=".tfrecord.gz",
+            compression_type=beam.io.filesystem.CompressionTypes.GZIP)
+        state = p.run()
+        state.wait_until_finish()
+        counts = {c.key.metric.name: int(c.committed or c.attempted or 0) for c in
+                  state.metrics().query(MetricsFilter().with_namespace("ablation"))["counters"]}
+        carry_parts(examples, tmp)
+        summary = {"ablation": what, "examples": examples, "counts": counts}
+        write_json(os.path.join(tmp, "ablation.json"), summary)
+        publish(tmp, output, last="ablation.json")
+    except BaseException:
+        remove(tmp)
+        raise
+    log.info("%s: %s", what, counts)
+    return summary
+
+
+def impression_negatives(examples: str, output: str, max_per_example: int = 0, seed: int = 0,
+                         beam_args: list[str] | None = None) -> dict:
+    """Training set whose examples carry their session's non-clicked impressions as negatives.
+
+    `max_per_example` = 0 means the schema's limit (`negative_doc_ids.max_values`)."""
+    import apache_beam as beam
+
+    limit = features.BY_NAME["negative_doc_ids"].max_values
+    n = limit if max_per_example <= 0 else min(max_per_example, limit)
+
+    def build(p):
+        train = _read(p, os.path.join(examples, TRAIN_GLOB), "Train")
+        impr = _read(p, os.path.join(examples, IMPRESSIONS_GLOB), "Impressions")
+        return ({"train": train | "KeyTrain" >> beam.Map(lambda ex: (_session(ex), ex)),
+                 "impr": impr | "KeyImpr" >> beam.Map(lambda ex: (_session(ex), ex))}
+                | beam.CoGroupByKey()
+                | beam.FlatMap(_attach_impressions, n, seed))
+
+    return _rewrite(examples, output, build, beam_args, "impression_negatives")
+
+
+def impression_positives(examples: str, output: str,
+                         beam_args: list[str] | None = None) -> dict:
+    """Training set of the click examples plus the non-clicked impressions as positives."""
+    import apache_beam as beam
+
+    def count(name):
+        def fn(ex):
+            beam.metrics.Metrics.counter("ablation", name).inc()
+            return features.make_example(_clean(ex))
+        return fn
+
+    def build(p):
+        train = _read(p, os.path.join(examples, TRAIN_GLOB), "Train")
+        impr = _read(p, os.path.join(examples, IMPRESSIONS_GLOB), "Impressions")
+        return ((train | "Clicks" >> beam.Map(count("click_positives")),
+                 impr | "Impr" >> beam.Map(count("impression_positives"))) | beam.Flatten())
+
+    return _rewrite(examples, output, build, beam_args, "impression_positives")
+
+
+def _read_sessions(p, raw_dir: str):
+    """Canonical sessions (docs/data-format.md) as dicts; malformed lines are skipped here
+    because `ebr pipeline examples` already dead-letters them (they have no examples to join)."""
+    import apache_beam as beam
+
+    from beam_pipelines import rawlog
+
+    path = rawlog.resolve_inputs(raw_dir)["sessions"]
+
+    def parse(line):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            beam.metrics.Metrics.counter("ablation", "sessions_unparsable").inc()
+            return
+        if isinstance(rec, dict) and {"session_id", "searcher_id", "timestamp"} <= set(rec):
+            yield rec
+        else:
+            beam.metrics.Metrics.counter("ablation", "sessions_incomplete").inc()
+
+    return (p | "ReadSessions" >> beam.io.ReadFromText(path)
+            | "ParseSessions" >> beam.FlatMap(parse))
+
+
+def _hard_positive_copies(kv):
+    """((later session, doc), {"hp": [HardPositive], "ex": [train example]}) -> new examples.
+
+    The later session's training example already holds the searcher's features and the clicked
+    document's; the copy swaps in the failed query and a session id of its own. Only training
+    examples are joined, so no evaluation click becomes a training positive."""
+    import apache_beam as beam
+
+    from experiments.hard_positives import SESSION_SUFFIX
+
+    _, groups = kv
+    for ex in groups["ex"]:
+        for hp in groups["hp"]:
+            out = _clean(ex)
+            out["query"] = hp.query
+            out["session_id"] = hp.failed_session_id + SESSION_SUFFIX
+            out["timestamp"] = hp.timestamp
+            beam.metrics.Metrics.counter("ablation", "hard_positives").inc()
+            yield features.make_example(out)
+
+
+def hard_positive_examples(raw: str, examples: str, output: str,
+                           window_seconds: float | None = None,
+                           beam_args: list[str] | None = None) -> dict:
+    """Training set of the click examples plus hard positives (paper 6.1.2): for every failed
+    search followed within `window_seconds` by a clicking reformulation whose example is in the
+    training split, a copy of that example with the failed query."""
+    import apache_beam as beam
+
+    from experiments.hard_positives import DEFAULT_WINDOW_SECONDS, ExtractHardPositives
+
+    window = DEFAULT_WINDOW_SECONDS if window_seconds is None else window_seconds
+
+    def build(p):
+        train = _read(p, os.path.join(examples, TRAIN_GLOB), "Train")
+        hps = _read_sessions(p, raw) | "HardPositives" >> ExtractHardPositives(window)
+        keyed_hp = hps | "KeyHP" >> beam.FlatMap(
+            lambda hp: [((hp.later_session_id, d), hp) for d in hp.doc_ids])
+        keyed_ex = train | "KeyEx" >> beam.Map(
+            lambda ex: ((_session(ex), (ex.get("doc_id") or [""])[0]), ex))
+        copies = ({"hp": keyed_hp, "ex": keyed_ex} | "JoinHP" >> beam.CoGroupByKey()
+                  | "Copies" >> beam.FlatMap(_hard_positive_copies))
+        originals = train | "Originals" >> beam.Map(lambda ex: features.make_example(_clean(ex)))
+        return (originals, copies) | "All" >> beam.Flatten()
+
+    summary = _rewrite(examples, output, build, beam_args, "hard_positives")
+    summary["window_seconds"] = window
+    return summary

@@ -1,0 +1,119 @@
+"""Smoke run of `ebr experiment paper-tables` end to end (one seed, minimal sizes), plus checks
+of the training-set variants it builds (hard positives, impression negatives/positives,
+mined negatives) on the run's own artifacts."""
+import glob
+import json
+import math
+import os
+import re
+
+import pytest
+
+from experiments import paper_tables as pt
+
+TINY = ["documents=400", "sessions=1500", "epochs=1", "batch_size=64", "embedding_dim=16",
+        "feature_dim=8", "text_dim=16", "hidden_units=32", "hash_bucket_cap=2000",
+        "text_buckets=2000", "online_hard=0,2", "windows=11-60", "default_window=11-60",
+        "ratios=0:1", "default_ratio=0:1", "ensemble_hard_model=mined_11-60_0:1",
+        "ensemble_alphas=1.0", "cascade_n=100", "ann_pq_bytes=4", "ann_nprobes=1,4",
+        "impression_negatives_max=4"]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("paper_tables")
+    report = pt.main(quick=True, seeds=1, out=str(out), overrides=TINY)
+    return out, report
+
+
+def _read(pattern):
+    import tensorflow as tf
+
+    from ebr import features
+
+    return [features.parse_example(r.numpy()) for f in sorted(glob.glob(pattern))
+            for r in tf.data.TFRecordDataset(f, compression_type="GZIP")]
+
+
+def test_report_structure_and_numbers(smoke):
+    out, report = smoke
+    text = open(report).read()
+    for exp, title in pt.EXPERIMENT_TITLES.items():
+        assert f"## {exp}. {title}" in text
+    assert "## Summary against the paper" in text and "## Appendix: models" in text
+    assert "Command: `ebr experiment paper-tables --quick --seeds 1" in text
+    for png in ("e1_by_type.png", "e2.png", "e3.png", "e4.png", "e5.png", "e6.png", "e7.png", "e8_ann.png"):
+        assert (out / png).stat().st_size > 1000, png
+        assert f"]({png})" in text
+    results = json.loads((out / "results.json").read_text())
+    cfg = pt.make_config(True, TINY)
+    _, rows = pt.plan(cfg)
+    assert {r["name"] for r in results["rows"]} == {r.name for r in rows}
+    assert set(results["aggregate"]) == {r.name for r in rows}
+    for row, metrics in results["aggregate"].items():
+        assert f"`{row}`" in text  # every row is named in the report, so it can be rerun alone
+        for name, m in metrics.items():
+            assert m["n"] == 1 and all(math.isfinite(v) for v in m["values"]), (row, name)
+            if "recall" in name:
+                assert 0.0 <= m["mean"] <= 1.0, (row, name, m)
+    # each claim gets a verdict from the numbers; a disagreement carries its explanation
+    verdicts = re.findall(r"\*\*(agrees|disagrees|inconclusive|partly|not measured)\*\*", text)
+    assert len(verdicts) >= 2 * len(pt.claims(cfg))
+    assert text.count("Why it may differ") == sum(v != "agrees" for v in verdicts) // 2
+    # the exact-search row of experiment 8 is the reference: recall 1 against itself
+    assert results["aggregate"]["e8.exact"]["ann_recall@10"]["mean"] == 1.0
+    assert results["aggregate"]["e8.PQ4.nprobe_1"]["scanned"]["mean"] < 400
+
+
+def test_training_set_variants(smoke):
+    out, _ = smoke
+    work = out / "work" / "seed0"
+    base = _read(str(work / "examples" / "train" / "*.tfrecord.gz"))
+    sessions = [json.loads(line) for line in open(work / "raw" / "sessions.jsonl")]
+    by_id = {s["session_id"]: s for s in sessions}
+
+    # hard positives: base examples + copies carrying the failed query of a failed session
+    hp = _read(str(work / "data" / "hard_positives" / "train" / "*.tfrecord.gz"))
+    copies = [e for e in hp if e["session_id"][0].endswith("~hardpos")]
+    assert len(hp) == len(base) + len(copies) and copies
+    for e in copies:
+        failed = by_id[e["session_id"][0][:-len("~hardpos")]]
+        assert failed["clicks"] == [] and e["query"] == [failed["query"]]
+
+    # impression negatives: the session's non-clicked impressions, never its clicks
+    neg = _read(str(work / "data" / "impression_negatives" / "train" / "*.tfrecord.gz"))
+    assert len(neg) == len(base) and any(e.get("negative_doc_ids") for e in neg)
+    for e in neg:
+        s = by_id[e["session_id"][0]]
+        assert set(e.get("negative_doc_ids", [])) <= set(s["impressions"]) - set(s["clicks"])
+        assert len(e.get("negative_doc_ids", [])) <= 4
+
+    # impression positives: clicks plus the impressions output
+    pos = _read(str(work / "data" / "impression_positives" / "train" / "*.tfrecord.gz"))
+    imp = _read(str(work / "examples" / "impressions" / "train" / "*.tfrecord.gz"))
+    assert len(pos) == len(base) + len(imp)
+
+    # mined (hard only, 0:1): every example carries a negative that is not one of its searcher's clicks
+    mined = _read(str(work / "data" / "mined_11-60_all" / "train" / "*.tfrecord.gz"))
+    clicked = {}
+    for e in base:
+        clicked.setdefault(e["searcher_id"][0], set()).add(e["doc_id"][0])
+    assert len(mined) == len(base)
+    assert sum(bool(e.get("negative_doc_ids")) for e in mined) > 0.9 * len(mined)
+    for e in mined:
+        assert not set(e.get("negative_doc_ids", [])) & clicked[e["searcher_id"][0]]
+    summary = json.loads((work / "data" / "mined_11-60_all" / "mining.json").read_text())
+    assert summary["hard_fraction"] == 1.0 and summary["counts"]["examples_read"] == len(base)
+
+
+def test_rows_and_config_errors():
+    cfg = pt.make_config(True, TINY)
+    _, rows = pt.plan(cfg)
+    picked = pt.select_rows(rows, ["e4.online_hard_2"])
+    assert [r.name for r in picked] == ["e4.online_hard_0", "e4.online_hard_2"]  # with its baseline
+    with pytest.raises(ValueError, match="unknown row"):
+        pt.select_rows(rows, ["e9.nothing"])
+    with pytest.raises(ValueError, match="unknown field"):
+        pt.make_config(True, ["no_such_field=1"])
+    with pytest.raises(ValueError, match="START-END"):
+        pt.make_config(True, ["windows=1to100"])
