@@ -157,3 +157,4 @@ def test_gather_helpers_are_identity_without_strategy():
     x = tf.constant([[1.0], [2.0]])
     assert neg.num_replicas() == 1
     np.testing.assert_array_equal(neg.local_first(neg.gather_replicas(x), 2).numpy(), x.numpy())
+

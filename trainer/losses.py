@@ -38,6 +38,21 @@ copies of document j in the candidate pool* under the sampling that produced it:
 - Per-example extra negatives (offline hard negatives, impressions) are not sampled from the
   stream: each is present exactly once, q = 1, nothing is subtracted.
 
+Stale negatives (CBNS queue, MNS cache): their embeddings are stored, stop-gradient copies made
+by earlier parameters. In one softmax over fresh and stale columns, shifting every fresh document
+embedding by the same vector c adds <u_i, c> to the positive and the in-batch columns of row i but
+not to the stale ones, so the document side gets a drift gradient (towards the queries, away from
+the stored copies) that in-batch training never has (there, the softmax is shift invariant). The
+towers then chase their own queue: on MovieLens-100K the mean document embedding swung across the
+sphere every ~25 steps and recall@10 fell from .118 (logQ) to .006 (CBNS) / .021 (MNS cache).
+CBNS's "embedding stability" (Wang et al. 2021, section 3) assumes the encoders settle; this
+gradient keeps them moving. So the loss value and the query side's gradient use the full pool,
+while the document side's gradient is that of the softmax over the fresh columns only (in-batch,
+tower-mixed and extra negatives; same q_j): `doc_logits` in `compute_logits`, added as
+`ce_doc - stop_gradient(ce_doc)`. A stale column thus acts only as a negative for the query side,
+like a MoCo key. With the triplet loss, a hinge against a stale column gives no gradient to the
+positive document either. Without stale columns nothing changes.
+
 Online hard negatives with softmax (`hard_negatives=k > 0`): only the positive and the k
 highest-logit valid columns of each row enter the softmax (`tfrs.layers.loss.HardNegativeMining`).
 
@@ -204,14 +219,21 @@ class RetrievalLoss(tf.keras.layers.Layer):
         ids = [neg.local_first(g_ids, b_local)]
         ps = [neg.local_first(g_p, b_local)]
         valid = [tf.ones([global_b], tf.bool)]
+        # fresh: the column's embedding was computed by this step's doc tower (carries gradient);
+        # queue and cache columns are stored, stop-gradient copies ("stale").
+        fresh = [tf.ones([global_b], tf.bool)]
+        fresh_parts = [True]  # static, per part of the pool
         n_stream = tf.cast(global_b, tf.float32)
         if self.queue is not None and training:
             q_emb, q_ids, q_p, q_valid = self.queue.read()
             active = self.step > c.queue_warmup_steps
             q_valid = tf.logical_and(q_valid, active)
             embs.append(q_emb), ids.append(q_ids), ps.append(q_p), valid.append(q_valid)
+            fresh.append(tf.zeros([self.queue.size], tf.bool))
+            fresh_parts.append(False)
             n_stream += tf.reduce_sum(tf.cast(q_valid, tf.float32))
         n_mixed = tf.constant(0.0)
+        mixed_fresh = mixed_emb is not None
         if c.mixed_negatives:
             if mixed_emb is None and self._cache is not None and training:
                 m_global = c.mixed_negatives * neg.num_replicas()
@@ -229,10 +251,20 @@ class RetrievalLoss(tf.keras.layers.Layer):
                 # Stream probability of a uniformly drawn doc: known only if given (cache / kwarg).
                 ps.append(tf.zeros([m]) if mixed_prob is None else tf.cast(mixed_prob, tf.float32))
                 valid.append(mixed_ids != neg.PAD_ID)
+                fresh.append(tf.fill([m], mixed_fresh))
+                fresh_parts.append(mixed_fresh)
                 n_mixed = tf.cast(m, tf.float32)
-        return dict(emb=tf.concat(embs, 0), ids=tf.concat(ids, 0), p=tf.concat(ps, 0),
-                    valid=tf.concat(valid, 0), n_stream=n_stream, n_mixed=n_mixed,
+        pool = dict(emb=tf.concat(embs, 0), ids=tf.concat(ids, 0), p=tf.concat(ps, 0),
+                    valid=tf.concat(valid, 0), fresh=tf.concat(fresh, 0),
+                    has_stale=not all(fresh_parts), n_stream=n_stream, n_mixed=n_mixed,
                     global_b=global_b, canonical=(g_emb, g_ids, g_p))
+        if pool["has_stale"]:
+            # The fresh columns alone (in-batch first), same q_j: the document side's softmax.
+            keep = [i for i, f in enumerate(fresh_parts) if f]
+            pool["fresh_pool"] = dict(
+                pool, **{k: tf.concat([parts[i] for i in keep], 0)
+                         for k, parts in (("emb", embs), ("ids", ids), ("p", ps), ("valid", valid))})
+        return pool
 
     def _log_q(self, pool) -> tf.Tensor:
         """log q_j per shared column (module docstring); zeros with logq=none."""
@@ -257,30 +289,61 @@ class RetrievalLoss(tf.keras.layers.Layer):
         Returns dict(logits, scores (cosine, unscaled), log_q [B, N + K], valid [B, N + K] (False
         for masked columns and for the label column), labels [B, N + K] one-hot). Reads state,
         never updates it.
+
+        When the pool holds stale columns (CBNS queue, MNS cache), `logits` carry gradient to the
+        query side only, and `doc_logits` / `doc_labels` [B, F + K] (the fresh columns: in-batch,
+        tower-mixed, extra) carry the document side's gradient ("Stale negatives" in the module
+        docstring).
         """
-        c = self.config
         query_emb = tf.convert_to_tensor(query_emb)
         pos_emb = tf.cast(pos_emb, query_emb.dtype)
         self._build_state(int(query_emb.shape[-1]))
         pos_ids = neg.hash_ids(pos_ids)
         pool = self._pool(pos_emb, pos_ids, pos_prob, mixed_emb, mixed_ids, mixed_prob, training)
-        b = tf.shape(query_emb)[0]
-        scores = tf.matmul(query_emb, pool["emb"], transpose_b=True)  # [B, N]
-        log_q = tf.broadcast_to(self._log_q(pool)[None, :], tf.shape(scores))
-        col_ids = tf.broadcast_to(pool["ids"][None, :], tf.shape(scores))
-        valid = tf.broadcast_to(pool["valid"][None, :], tf.shape(scores))
+        stale = pool["has_stale"]
+        log_q = self._log_q(pool)
+        extra = None
         if extra_neg_emb is not None:
             extra_neg_emb = tf.cast(extra_neg_emb, query_emb.dtype)
             k = tf.shape(extra_neg_emb)[1]
-            e_scores = tf.einsum("bd,bkd->bk", query_emb, extra_neg_emb)
+            b = tf.shape(query_emb)[0]
             if extra_neg_ids is None:
                 e_ids = tf.zeros([b, k], tf.int64)  # unknown ids: never accidental hits
                 e_valid = tf.ones([b, k], tf.bool)
             else:
                 e_ids = neg.hash_ids(extra_neg_ids)
                 e_valid = e_ids != neg.PAD_ID
+            extra = (extra_neg_emb, e_ids, e_valid)
+        sg = tf.stop_gradient
+        out = self._masked_logits(query_emb, sg(pool["emb"]) if stale else pool["emb"], log_q,
+                                  pool["ids"], pool["valid"], pos_ids, extra, sg if stale else None)
+        out["pool"] = pool
+        if stale:
+            # In-batch columns come first, so row i's positive stays in column i.
+            fp = pool["fresh_pool"]
+            doc = self._masked_logits(sg(query_emb), fp["emb"], self._log_q(fp), fp["ids"],
+                                      fp["valid"], pos_ids, extra, None)
+            out["doc_logits"], out["doc_labels"] = doc["logits"], doc["labels"]
+        return out
+
+    def _masked_logits(self, query_emb, cand_emb, log_q, cand_ids, cand_valid, pos_ids, extra,
+                       extra_grad) -> dict:
+        """Logits of query rows against shared candidate columns (+ per-row extra columns):
+        temperature, logQ, padding / accidental-hit masks; dict(logits, scores, log_q, valid,
+        labels). `extra_grad` (e.g. stop_gradient) is applied to the extra embeddings."""
+        c = self.config
+        b = tf.shape(query_emb)[0]
+        scores = tf.matmul(query_emb, cand_emb, transpose_b=True)  # [B, N]
+        log_q = tf.broadcast_to(log_q[None, :], tf.shape(scores))
+        col_ids = tf.broadcast_to(cand_ids[None, :], tf.shape(scores))
+        valid = tf.broadcast_to(cand_valid[None, :], tf.shape(scores))
+        if extra is not None:
+            e_emb, e_ids, e_valid = extra
+            if extra_grad is not None:
+                e_emb = extra_grad(e_emb)
+            e_scores = tf.einsum("bd,bkd->bk", query_emb, e_emb)
             scores = tf.concat([scores, e_scores], 1)
-            log_q = tf.concat([log_q, tf.zeros([b, k], log_q.dtype)], 1)
+            log_q = tf.concat([log_q, tf.zeros(tf.shape(e_ids), log_q.dtype)], 1)
             col_ids = tf.concat([col_ids, e_ids], 1)
             valid = tf.concat([valid, e_valid], 1)
         labels = tf.eye(b, tf.shape(scores)[1], dtype=scores.dtype)
@@ -291,35 +354,51 @@ class RetrievalLoss(tf.keras.layers.Layer):
         valid = tf.logical_and(valid, tf.logical_not(is_label))
         logits = scores / c.temperature - tf.cast(log_q, scores.dtype)
         logits = tf.where(tf.logical_or(valid, is_label), logits, tf.cast(MIN_FLOAT, scores.dtype))
-        return dict(logits=logits, scores=scores, log_q=log_q, valid=valid, labels=labels,
-                    pool=pool)
+        return dict(logits=logits, scores=scores, log_q=log_q, valid=valid, labels=labels)
 
     # ------------------------------------------------------------------ losses
 
     def _softmax(self, out) -> tf.Tensor:
-        logits, labels = out["logits"], out["labels"]
-        if self.config.hard_negatives:
-            logits, labels = tfrs.layers.loss.HardNegativeMining(self.config.hard_negatives)(
-                logits, labels)
-        return tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+        def ce(logits, labels):
+            if self.config.hard_negatives:
+                logits, labels = tfrs.layers.loss.HardNegativeMining(self.config.hard_negatives)(
+                    logits, labels)
+            return tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+
+        per_row = ce(out["logits"], out["labels"])
+        if "doc_logits" in out:
+            # Value of the full-pool loss; document-side gradient of the fresh-column softmax.
+            doc = ce(out["doc_logits"], out["doc_labels"])
+            per_row = per_row + (doc - tf.stop_gradient(doc))
+        return per_row
 
     def _triplet(self, out, n_shared) -> tf.Tensor:
         c = self.config
         cos = out["cos"]
         valid = out["valid"]
         cos_pos = tf.linalg.diag_part(cos)  # column i of row i
-        hinge = lambda cos_neg: tf.nn.relu(cos_neg - cos_pos[:, None] + c.margin)  # noqa: E731
+        # Against a stale (queue / cache) negative the positive document gets no gradient, as
+        # in the softmax ("Stale negatives" in the module docstring).
+        cos_pos_q = out.get("cos_pos_query_only", cos_pos)
+        fresh = out["pool"]["fresh"]
+
+        def hinge(cos_neg, idx=None):
+            pos = cos_pos[:, None]
+            if idx is not None and out["pool"]["has_stale"]:
+                pos = tf.where(tf.gather(fresh, idx), pos, cos_pos_q[:, None])
+            return tf.nn.relu(cos_neg - pos + c.margin)
+
         shared_cos, shared_valid = cos[:, :n_shared], valid[:, :n_shared]
         per_row = tf.zeros_like(cos_pos)
         if c.random_negatives:
             seed = tf.stack([tf.constant(c.seed + 2, tf.int64), self.step])
             idx, ok = neg.select_random_negatives(shared_valid, c.random_negatives, seed)
-            per_row += tf.reduce_sum(tf.where(ok, hinge(tf.gather(shared_cos, idx, batch_dims=1)),
-                                              0.0), 1)
+            per_row += tf.reduce_sum(
+                tf.where(ok, hinge(tf.gather(shared_cos, idx, batch_dims=1), idx), 0.0), 1)
         if c.hard_negatives:
             idx, ok = neg.select_hard_negatives(shared_cos, shared_valid, c.hard_negatives)
-            per_row += tf.reduce_sum(tf.where(ok, hinge(tf.gather(shared_cos, idx, batch_dims=1)),
-                                              0.0), 1)
+            per_row += tf.reduce_sum(
+                tf.where(ok, hinge(tf.gather(shared_cos, idx, batch_dims=1), idx), 0.0), 1)
         extra_cos, extra_valid = cos[:, n_shared:], valid[:, n_shared:]
         per_row += tf.reduce_sum(tf.where(extra_valid, hinge(extra_cos), 0.0), 1)
         return per_row
@@ -348,6 +427,9 @@ class RetrievalLoss(tf.keras.layers.Layer):
                 e = tf.math.l2_normalize(tf.cast(extra_neg_emb, qn.dtype), -1)
                 cos = tf.concat([cos, tf.einsum("bd,bkd->bk", qn, e)], 1)
             out["cos"] = cos
+            if pool["has_stale"]:
+                b = tf.shape(qn)[0]
+                out["cos_pos_query_only"] = tf.reduce_sum(qn * tf.stop_gradient(cand[:b]), -1)
             per_row = self._triplet(out, n_shared)
         if sample_weight is not None:
             per_row = per_row * tf.cast(sample_weight, per_row.dtype)
