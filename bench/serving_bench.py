@@ -303,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=8, help="retrieval service worker threads")
     p.add_argument("--embed-batch", type=int, default=32, help="retrieval service --embed-batch")
     p.add_argument("--embed-threads", type=int, default=1, help="retrieval service --embed-threads")
+    p.add_argument("--tf-threads", type=int, default=1, help="retrieval service --tf-threads")
     p.add_argument("--nprobe", type=int, default=0, help="search param (0 = index default)")
     p.add_argument("--workdir", help="keep fixtures here (reused when present)")
     p.add_argument("--out", help="also write the JSON here")
@@ -352,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "repeats": args.repeats, "concurrency": levels,
                                 "workers": args.workers, "cpus": os.cpu_count(),
                                 "embed_batch": args.embed_batch, "embed_threads": args.embed_threads,
+                                "tf_threads": args.tf_threads,
                                 "loadavg_before": os.getloadavg(),
                                 "index": dict(searcher.manifest), "search_params": params}}
 
@@ -378,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         r_metrics, rr_metrics = free_port(), free_port()
         search_flags = [f"--search-param=nprobe={args.nprobe}"] if args.nprobe else []
         search_flags += [f"--embed-batch={args.embed_batch}", f"--embed-threads={args.embed_threads}"]
+        search_flags += [f"--tf-threads={args.tf_threads}"]
         ms = spawn(["model", "--model-base-path", str(model_dir), "--host", "127.0.0.1",
                     "--port", str(ms_port), "--threads", "32"], work / "model_server.log")
         procs.append(ms)
@@ -471,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         total = c8["mean_ms"]
         results["time_breakdown_c8_ms"] = {
             "client_observed_mean": total,
+            "server_queue": c8.get("server_queue_mean_ms"),
             "server_embed": c8.get("server_embed_mean_ms"),
             "server_search": c8.get("server_search_mean_ms"),
             "server_total": c8.get("server_total_mean_ms"),

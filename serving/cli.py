@@ -48,13 +48,18 @@ def register(subparsers) -> None:
                            help="on SIGTERM, seconds of NOT_SERVING health while still answering, "
                                 "before new requests are refused (k8s endpoint removal)")
     retrieval.add_argument("--embed-batch", type=int, default=32,
-                           help="largest dynamic batch of concurrent query embeddings (1 = off)")
+                           help="largest dynamic batch of concurrent requests, embedded and "
+                                "searched together (1 = off)")
     retrieval.add_argument("--embed-threads", type=int, default=1,
                            help="embedding batches in flight at once")
+    retrieval.add_argument("--tf-threads", type=int, default=1,
+                           help="TensorFlow inter/intra-op threads (0 = TF default)")
     retrieval.add_argument("--search-threads", type=int, default=1,
                            help="FAISS OpenMP threads per search (0 = FAISS default)")
     retrieval.add_argument("--search-param", action="append", default=[], metavar="KEY=VALUE",
                            help="index search parameter, e.g. nprobe=32 (repeatable)")
+    retrieval.add_argument("--ensembles", help="JSON/YAML file of named ensembles (weighted "
+                           "concatenation, cascade): experiments/ensembles.py load_registry")
     retrieval.add_argument("--tls-cert")
     retrieval.add_argument("--tls-key")
     retrieval.add_argument("--tls-client-ca", help="require client certificates signed by this CA")
@@ -114,9 +119,15 @@ def _serve_retrieval(args) -> int:
         max_queue=args.max_queue, max_k=args.max_k, poll_seconds=args.poll_seconds,
         drain_seconds=args.drain_seconds, drain_delay_seconds=args.drain_delay,
         embed_batch=args.embed_batch, embed_threads=args.embed_threads,
+        tf_threads=args.tf_threads,
         search_threads=args.search_threads, search_params=_parse_params(args.search_param),
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca)
-    return serve(config)
+    registry = None
+    if args.ensembles:
+        from experiments.ensembles import load_registry
+
+        registry = load_registry(args.ensembles)
+    return serve(config, ensemble_registry=registry)
 
 
 def _find_searcher(path: str, searcher_id: str) -> dict:

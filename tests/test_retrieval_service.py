@@ -3,7 +3,6 @@ index: answers, request validation, readiness, model/index pairing, deadlines, s
 metrics, the remote (PredictionService) embedding path and `ebr query`."""
 from __future__ import annotations
 
-import concurrent.futures
 import filecmp
 import math
 import subprocess
@@ -94,28 +93,6 @@ def test_retrieve_answers_from_the_pair(stack, client):
     near = client.retrieve(title_word, searcher=values, k=10, radius=cut)
     assert near.doc_ids and all(s >= cut - 1e-5 for s in near.scores)
     assert len(near.doc_ids) <= 4 + 1  # ties at the cut may add one
-
-
-def test_batched_embeddings_equal_single_ones(stack):
-    """Dynamic batching pads MULTI features to the longest list in the batch; the tower must
-    give every query the vector it gets alone."""
-    import numpy as np
-
-    from serving.embedder import EmbedBatcher, LocalModelSource, build_inputs
-
-    encoder = LocalModelSource(stack.query_tower).open(1)
-    rows = [dict(features.query_values(f"club t{i}x", s, [f"d{j}" for j in range(i % 7)]))
-            for i, s in enumerate(stack.searchers[:24])]
-    alone = np.concatenate([encoder.embed(build_inputs([r])) for r in rows])
-    sizes = []
-    batcher = EmbedBatcher(max_batch=8, threads=1, on_batch=sizes.append)
-    try:
-        with concurrent.futures.ThreadPoolExecutor(12) as pool:
-            batched = np.concatenate(list(pool.map(lambda r: batcher.embed(encoder, r), rows)))
-    finally:
-        batcher.close()
-    assert max(sizes) > 1 and sum(sizes) == len(rows)
-    np.testing.assert_allclose(batched, alone, atol=1e-5)
 
 
 def test_recommendation_request_without_text(stack, client):
@@ -474,3 +451,95 @@ def test_ebr_query_prints_a_table(server, stack, capsys, tmp_path):
     rc = main(["query", "", "--address", f"127.0.0.1:{server.port}"])
     assert rc == 1
     assert "INVALID_ARGUMENT: query:" in capsys.readouterr().out
+
+
+def test_direct_tower_call_equals_the_checked_call(stack):
+    """The encoder calls the concrete function flat (TF-private `_call_flat`, for speed); it
+    must give what the checked structured call gives, MULTI padding included."""
+    import numpy as np
+
+    from serving.embedder import LocalModelSource, build_inputs
+
+    encoder = LocalModelSource(stack.query_tower).open(1)
+    assert encoder._flat_order is not None  # the fast path is the one being compared
+    rows = [dict(features.query_values(f"club t{i}x", s, [f"d{j}" for j in range(i % 5)]))
+            for i, s in enumerate(stack.searchers[:6])]
+    for batch in (rows[:1], rows):
+        inputs = build_inputs(batch)
+        np.testing.assert_allclose(encoder.embed(inputs), encoder._tower(inputs), atol=1e-6)
+
+
+def test_batched_retrievals_equal_single_ones(stack):
+    """The batcher embeds and searches requests together (grouped by k, filter and radius);
+    every request must get what embedding and searching it alone gives, and a failure
+    belongs to its own requests only."""
+    import asyncio
+
+    import numpy as np
+
+    import index
+    from index.filters import FilterSyntaxError
+    from serving.embedder import LocalModelSource, build_inputs
+    from serving.retrieval_service import (DeadlineExpired, Pair, RetrieveBatcher, _Job,
+                                           run_batch)
+
+    encoder = LocalModelSource(stack.query_tower).open(1)
+    searcher = index.open_index(str(stack.index_base))
+    pair = Pair(encoder, searcher, 1, str(stack.index_base), "exact")
+    rows = [dict(features.query_values(f"club t{i}x", s, [f"d{j}" for j in range(i % 7)]))
+            for i, s in enumerate(stack.searchers[:24])]
+    options = [(5, None, None), (10, None, None), (10, "city:seattle", None), (10, None, 0.0)]
+    asks = [(row, *options[i % len(options)]) for i, row in enumerate(rows)]
+
+    sizes = []
+
+    async def all_at_once():
+        batcher = RetrieveBatcher(max_batch=8, threads=1, on_batch=sizes.append)
+        batcher.start()
+        try:
+            return await asyncio.gather(*[batcher.retrieve(pair, row, k, filt, radius, 30.0)
+                                          for row, k, filt, radius in asks])
+        finally:
+            await batcher.close()
+
+    got = asyncio.run(all_at_once())
+    assert max(sizes) > 1 and sum(sizes) == len(asks)
+    for (row, k, filt, radius), r in zip(asks, got):
+        alone = searcher.search(encoder.embed(build_inputs([row])), k, filter=filt, radius=radius)
+        assert r.doc_ids == list(alone.doc_ids[0])
+        np.testing.assert_allclose(r.scores, alone.scores[0], atol=1e-5)
+        assert r.scanned == int(alone.scanned[0])
+        assert r.embed_seconds > 0 and r.search_seconds > 0 and r.queue_seconds >= 0
+
+    # One batch: a malformed filter and an expired deadline fail their own requests only.
+    now = time.monotonic()
+    jobs = [_Job(pair, rows[0], 5, None, None, None, 0.0, None),
+            _Job(pair, rows[1], 5, "city:(", None, None, 0.0, None),
+            _Job(pair, rows[2], 5, None, None, now - 1.0, 0.0, None),
+            _Job(pair, rows[3], 5, None, None, now + 60.0, 0.0, None)]
+    out = run_batch(jobs, None)
+    assert isinstance(out[1], FilterSyntaxError) and isinstance(out[2], DeadlineExpired)
+    for i in (0, 3):
+        alone = searcher.search(encoder.embed(build_inputs([rows[i]])), 5)
+        assert out[i].doc_ids == list(alone.doc_ids[0])
+
+
+def test_requests_in_flight_do_not_need_a_thread_each(stack):
+    """On the asyncio server a waiting request holds no worker thread: with one worker, 16
+    concurrent requests are all answered, and answered in shared batches."""
+    from serving.retrieval_client import RetrievalClient, make_request
+
+    srv = start(stack, workers=1, max_queue=15, embed_batch=32)
+    try:
+        with RetrievalClient(f"127.0.0.1:{srv.port}") as c:
+            c.retrieve("club", k=3)
+            reg = srv.metrics.registry
+            before = reg.get_sample_value("ebr_retrieval_embed_batch_size_count")
+            requests = [make_request(f"club hiking {i}", k=10) for i in range(16)]
+            for _ in range(3):
+                futs = [c.stub.Retrieve.future(r, timeout=30) for r in requests]
+                assert all(len(f.result().doc_ids) == 10 for f in futs)
+            calls = reg.get_sample_value("ebr_retrieval_embed_batch_size_count") - before
+            assert calls < 3 * len(requests)  # some requests shared a tower call
+    finally:
+        srv.stop(0)
