@@ -330,31 +330,44 @@ class RetrievalLoss(tf.keras.layers.Layer):
                        extra_grad) -> dict:
         """Logits of query rows against shared candidate columns (+ per-row extra columns):
         temperature, logQ, padding / accidental-hit masks; dict(logits, scores, log_q, valid,
-        labels). `extra_grad` (e.g. stop_gradient) is applied to the extra embeddings."""
+        labels). `extra_grad` (e.g. stop_gradient) is applied to the extra embeddings.
+
+        Per-column terms ([N] log_q, ids, valid) enter the [B, N] ops by implicit broadcasting,
+        never as materialised [B, N] copies: with a CBNS queue N = B + queue size, and those
+        copies (an int64 id matrix above all) cost more than the matmul. The full `log_q` / `valid`
+        of the returned dict are pruned from a traced train step that does not read them."""
         c = self.config
         b = tf.shape(query_emb)[0]
         scores = tf.matmul(query_emb, cand_emb, transpose_b=True)  # [B, N]
-        log_q = tf.broadcast_to(log_q[None, :], tf.shape(scores))
-        col_ids = tf.broadcast_to(cand_ids[None, :], tf.shape(scores))
-        valid = tf.broadcast_to(cand_valid[None, :], tf.shape(scores))
+        logits = scores / c.temperature - tf.cast(log_q, scores.dtype)[None, :]
+        keep = cand_valid[None, :]  # [1, N], broadcast by the ops below
+        pos_col = pos_ids[:, None]
+        has_pos = pos_col != neg.PAD_ID
+        if c.remove_accidental_hits:
+            keep = tf.logical_and(keep, tf.logical_not(
+                tf.logical_and(tf.equal(cand_ids[None, :], pos_col), has_pos)))
+        keep = tf.broadcast_to(keep, tf.shape(scores))
+        full_log_q = tf.broadcast_to(log_q[None, :], tf.shape(scores))
         if extra is not None:
             e_emb, e_ids, e_valid = extra
             if extra_grad is not None:
                 e_emb = extra_grad(e_emb)
             e_scores = tf.einsum("bd,bkd->bk", query_emb, e_emb)
+            e_keep = e_valid
+            if c.remove_accidental_hits:
+                e_keep = tf.logical_and(e_keep, tf.logical_not(
+                    tf.logical_and(tf.equal(e_ids, pos_col), has_pos)))
             scores = tf.concat([scores, e_scores], 1)
-            log_q = tf.concat([log_q, tf.zeros(tf.shape(e_ids), log_q.dtype)], 1)
-            col_ids = tf.concat([col_ids, e_ids], 1)
-            valid = tf.concat([valid, e_valid], 1)
+            logits = tf.concat([logits, e_scores / c.temperature], 1)  # q = 1: nothing subtracted
+            keep = tf.concat([keep, e_keep], 1)
+            full_log_q = tf.concat([full_log_q, tf.zeros(tf.shape(e_ids), full_log_q.dtype)], 1)
+        # Row i's label column i is always kept (its own id would count as a hit).
+        n_diag = tf.minimum(b, tf.shape(keep)[1])
+        keep_or_label = tf.linalg.set_diag(keep, tf.ones([n_diag], tf.bool))
+        logits = tf.where(keep_or_label, logits, tf.cast(MIN_FLOAT, scores.dtype))
         labels = tf.eye(b, tf.shape(scores)[1], dtype=scores.dtype)
-        is_label = labels > 0
-        if c.remove_accidental_hits:
-            hit = tf.logical_and(tf.equal(col_ids, pos_ids[:, None]), pos_ids[:, None] != neg.PAD_ID)
-            valid = tf.logical_and(valid, tf.logical_not(hit))
-        valid = tf.logical_and(valid, tf.logical_not(is_label))
-        logits = scores / c.temperature - tf.cast(log_q, scores.dtype)
-        logits = tf.where(tf.logical_or(valid, is_label), logits, tf.cast(MIN_FLOAT, scores.dtype))
-        return dict(logits=logits, scores=scores, log_q=log_q, valid=valid, labels=labels)
+        valid = tf.linalg.set_diag(keep, tf.zeros([n_diag], tf.bool))
+        return dict(logits=logits, scores=scores, log_q=full_log_q, valid=valid, labels=labels)
 
     # ------------------------------------------------------------------ losses
 
