@@ -28,7 +28,18 @@ from index import evaluation as ev  # noqa: E402
 from index import sweep as sw  # noqa: E402
 
 TARGET = 0.95
-FILTERS = {"~1%": "attributes.tag:verified", "~10%": "city:seattle", "~50%": "type:group"}
+SELECTIVITIES = {"~1%": 0.01, "~10%": 0.10, "~50%": 0.50}
+
+
+def pick_filters(attrs) -> dict[str, str]:
+    """For each target selectivity, the term (or NOT term) whose share of the corpus is closest:
+    the corpus decides, so the same bench fits generated, MovieLens or a user's documents."""
+    from index.filters import term_expression
+
+    shares = {term_expression(t): len(b) / attrs.count for t, b in attrs.postings.items()}
+    candidates = {**{t: v for t, v in shares.items()}, **{f"NOT {t}": 1 - v for t, v in shares.items()}}
+    return {label: min(candidates, key=lambda e: (abs(candidates[e] - target), e))
+            for label, target in SELECTIVITIES.items()}
 
 
 def load(args):
@@ -52,7 +63,7 @@ def filtered_cost(X, Q, terms, k, faiss_row, scann_be, faiss_be, exact_be, grid)
 
     attrs = AttributeIndex.build(terms)
     out = {}
-    for label, expr in FILTERS.items():
+    for label, expr in pick_filters(attrs).items():
         sel = compile_filter(expr, attrs)
         _, gt, _ = exact_be.search(Q, k, selection=sel)
         row = {"filter": expr, "selectivity": sel.selectivity}

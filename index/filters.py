@@ -72,6 +72,15 @@ def normalize_term(term: str) -> str:
     return f"{key}:{normalize_text(value)}"
 
 
+def term_expression(term: str) -> str:
+    """A filter term as the grammar spells it: the value quoted when it holds spaces or
+    parentheses (`country:united kingdom` -> `country:"united kingdom"`)."""
+    key, _, value = term.partition(":")
+    if any(c.isspace() or c in '()' for c in value):
+        return f'{key}:"{value}"'
+    return term
+
+
 def _tokens(expr: str):
     """Yields (kind, text, position); kinds: LP, RP, OP, TERM, END."""
     i, n = 0, len(expr)

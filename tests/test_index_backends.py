@@ -212,3 +212,13 @@ def test_default_factory_scales_the_swept_point_to_the_corpus():
         assert "PQ32x4fs" in factory  # d/4 bytes (paper) whatever the size
     assert DEFAULTS.factory_for(1_000_000, 64).startswith("OPQ")
     assert not DEFAULTS.factory_for(2_000, 64).startswith("OPQ")
+
+
+def test_terms_with_spaces_are_filterable_through_term_expression():
+    from index.filters import AttributeIndex, term_expression
+
+    attrs = AttributeIndex.build([["country:united kingdom", "type:group"], ["country:france"],
+                                  ["city:new york (ny)"]])
+    assert term_expression("type:group") == "type:group"
+    assert list(attrs.select(term_expression("country:united kingdom"))) == [0]
+    assert list(attrs.select(f'NOT {term_expression("city:new york (ny)")}')) == [0, 1]
