@@ -50,23 +50,28 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     return cls(**{k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()})
 
 
+def read_file(path: str | Path, what: str = "file") -> dict:
+    """A JSON or YAML (by suffix) mapping; a missing file or a syntax error names the file."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{what} {p} does not exist")
+    text = p.read_text()
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            return yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{what} {p}: {e}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {p}: line {e.lineno}: {e.msg}") from None
+
+
 def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Config from an optional JSON/YAML file, then `a.b=value` overrides on top."""
-    data: dict = {}
-    if path:
-        p = Path(path)
-        if not p.exists():
-            raise FileNotFoundError(f"config file {p} does not exist")
-        text = p.read_text()
-        if p.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        else:
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"config file {p}: line {e.lineno}: {e.msg}") from None
+    data: dict = read_file(path, "config file") if path else {}
     for item in overrides or []:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key=value")

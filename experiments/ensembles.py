@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -137,9 +138,7 @@ class Cascade:
 METADATA_FILE = "ebr_metadata.json"
 
 
-def _version_dir(path: str) -> "Path":
-    from pathlib import Path
-
+def _version_dir(path: str) -> Path:
     from serving.embedder import model_versions
 
     p = Path(path)
@@ -152,7 +151,7 @@ def _version_dir(path: str) -> "Path":
 
 
 def export_weighted_concat(members: Sequence[str], alphas: Sequence[float], output_base: str,
-                           version: int = 1, model_name: str = "") -> "Path":
+                           version: int = 1, model_name: str = "") -> Path:
     """Writes one tower (`output_base/VERSION/`) computing the weighted concatenation of the
     member towers' embeddings (all query towers or all doc towers of models sharing the schema).
 
@@ -310,31 +309,18 @@ def load_registry(path: str) -> dict:
         concat:   {kind: weighted_concat, members: [A/query_tower, B/query_tower],
                    alphas: [1.0, 0.5], index: I}
     """
-    import json
-    from pathlib import Path
+    from ebr.config import read_file
 
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"ensemble registry file {p} does not exist")
-    text = p.read_text()
-    if p.suffix in (".yaml", ".yml"):
-        import yaml
-
-        spec = yaml.safe_load(text) or {}
-    else:
-        try:
-            spec = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: line {e.lineno}: {e.msg}") from None
+    spec = read_file(path, "ensemble registry file")
     builders = {"cascade": serving_cascade, "weighted_concat": serving_weighted_concat}
     out = {}
     for name, entry in spec.items():
         entry = dict(entry)
         kind = entry.pop("kind", None)
         if kind not in builders:
-            raise ValueError(f"{p}: ensemble {name!r}: kind must be one of {sorted(builders)}, got {kind!r}")
+            raise ValueError(f"{path}: ensemble {name!r}: kind must be one of {sorted(builders)}, got {kind!r}")
         try:
             out[name] = builders[kind](**entry)
         except TypeError as e:
-            raise ValueError(f"{p}: ensemble {name!r}: {e}") from None
+            raise ValueError(f"{path}: ensemble {name!r}: {e}") from None
     return out

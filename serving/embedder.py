@@ -60,6 +60,17 @@ def model_versions(base: str | Path) -> list[int]:
                   and (p / METADATA_FILE).exists())
 
 
+def pick_version(versions: list[int], version: int | None, where: str) -> int:
+    """The requested version, or the newest when none is asked for; ModelUnavailable otherwise."""
+    if version is None:
+        if not versions:
+            raise ModelUnavailable(f"no model version {where}")
+        return versions[-1]
+    if version not in versions:
+        raise ModelUnavailable(f"model version {version} not {where} (have {versions})")
+    return version
+
+
 def read_metadata(version_dir: Path) -> dict:
     path = version_dir / METADATA_FILE
     try:
@@ -147,14 +158,7 @@ class LocalModelSource:
         return model_versions(self.base)
 
     def open(self, version: int | None) -> LocalEncoder:
-        versions = self.versions()
-        if version is None:
-            if not versions:
-                raise ModelUnavailable(f"no complete model version under {self.base}")
-            version = versions[-1]
-        if version not in versions:
-            raise ModelUnavailable(f"model version {version} not found under {self.base} "
-                                   f"(have {versions})")
+        version = pick_version(self.versions(), version, f"under {self.base}")
         with self._lock:
             if version not in self._cache:
                 log.info("loading query tower", extra={"path": str(self.base / str(version))})
@@ -270,14 +274,8 @@ class RemoteModelSource:
         return dims[1]
 
     def open(self, version: int | None) -> RemoteEncoder:
-        versions = self.versions()
-        if version is None:
-            if not versions:
-                raise ModelUnavailable(f"{self.address}: no AVAILABLE version of {self.model_name}")
-            version = versions[-1]
-        if version not in versions:
-            raise ModelUnavailable(f"{self.address}: {self.model_name} version {version} is not "
-                                   f"AVAILABLE (available: {versions})")
+        version = pick_version(self.versions(), version,
+                               f"AVAILABLE of {self.model_name} at {self.address}")
         source = f"{self.address}/{self.model_name}/{version}"
         if self.metadata_dir is not None:
             meta = read_metadata(self.metadata_dir / str(version))

@@ -18,6 +18,15 @@ CLIENTS = 8
 SECONDS = 10.0
 
 
+def _start_hammers(address: str, n: int):
+    """n client threads calling Retrieve until `stop` is set: (stop, out, errors, threads)."""
+    stop, out, errors = threading.Event(), [], []
+    threads = [threading.Thread(target=_hammer, args=(address, stop, out, errors)) for _ in range(n)]
+    for t in threads:
+        t.start()
+    return stop, out, errors, threads
+
+
 def _hammer(address: str, stop: threading.Event, out: list, errors: list, pause: float = 0.0):
     from serving.retrieval_client import RetrievalClient
 
@@ -99,11 +108,7 @@ def test_kill_9_mid_load_then_restart_and_drain_on_sigterm(tmp_path_factory, tmp
     first = start_cli_server(args, log1)
     try:
         wait_serving(address, first, log_path=log1)
-        stop, out, errors = threading.Event(), [], []
-        threads = [threading.Thread(target=_hammer, args=(address, stop, out, errors))
-                   for _ in range(4)]
-        for t in threads:
-            t.start()
+        stop, out, errors, threads = _start_hammers(address, 4)
         time.sleep(1.5)
         os.kill(first.pid, signal.SIGKILL)
         first.wait(timeout=10)
@@ -122,11 +127,7 @@ def test_kill_9_mid_load_then_restart_and_drain_on_sigterm(tmp_path_factory, tmp
     second = start_cli_server(args, log2)
     try:
         wait_serving(address, second, log_path=log2)
-        stop, out, errors = threading.Event(), [], []
-        threads = [threading.Thread(target=_hammer, args=(address, stop, out, errors))
-                   for _ in range(4)]
-        for t in threads:
-            t.start()
+        stop, out, errors, threads = _start_hammers(address, 4)
         time.sleep(1.5)
         sigterm = time.monotonic()
         second.send_signal(signal.SIGTERM)
