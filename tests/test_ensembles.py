@@ -1,6 +1,7 @@
 """Ensemble score identity (weighted concatenation) and the cascade (paper 6.2)."""
 import numpy as np
 import pytest
+from tower_fixtures import write_hashed_query_tower
 
 from experiments import ensembles as ens
 
@@ -78,26 +79,7 @@ def test_cascade_keeps_top_k_of_first_stage_by_unified_score():
 
 
 def _tower(path, dim, seed, buckets=30):
-    import json
-
-    import tensorflow as tf
-
-    from ebr import features
-
-    m = tf.Module()
-    m.table = tf.Variable(np.random.default_rng(seed).normal(size=(buckets, dim)).astype("float32"))
-    spec = {n: tf.TensorSpec([None, None] if features.BY_NAME[n].kind == features.MULTI else [None],
-                             tf.string, name=n) for n in features.QUERY_INPUTS}
-
-    @tf.function(input_signature=[spec])
-    def serve(inputs):
-        rows = tf.strings.to_hash_bucket_fast(inputs["query"], buckets)
-        return {"embedding": tf.math.l2_normalize(tf.gather(m.table, rows), axis=-1)}
-
-    tf.saved_model.save(m, str(path / "1"), signatures={"serving_default": serve.get_concrete_function()})
-    (path / "1" / "ebr_metadata.json").write_text(json.dumps(
-        {"model_name": path.name, "version": 1, "dimension": dim, "schema_hash": features.schema_hash(),
-         "config": {}, "metrics": {}, "created": ""}))
+    write_hashed_query_tower(path / "1", dim, seed, buckets, model_name=path.name)
     return path
 
 

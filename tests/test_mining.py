@@ -1,6 +1,7 @@
 """The offline hard-negative window: ranks, exclusion of positives, the easy:hard ratio."""
 import numpy as np
 import pytest
+from tower_fixtures import write_hashed_query_tower
 
 from experiments import mining
 
@@ -85,29 +86,6 @@ def test_bad_config_is_clear():
 DIM, N_DOCS, TEXT_BUCKETS = 8, 700, 40
 
 
-def _write_query_tower(path, seed=0):
-    import json
-
-    import tensorflow as tf
-
-    from ebr import features
-
-    module = tf.Module()
-    module.table = tf.Variable(np.random.default_rng(seed).normal(size=(TEXT_BUCKETS, DIM)).astype("float32"))
-    spec = {n: tf.TensorSpec([None, None] if features.BY_NAME[n].kind == features.MULTI else [None],
-                             tf.string, name=n) for n in features.QUERY_INPUTS}
-
-    @tf.function(input_signature=[spec])
-    def serve(inputs):
-        rows = tf.strings.to_hash_bucket_fast(inputs["query"], TEXT_BUCKETS)
-        return {"embedding": tf.math.l2_normalize(tf.gather(module.table, rows), axis=-1)}
-
-    tf.saved_model.save(module, str(path), signatures={"serving_default": serve.get_concrete_function()})
-    (path / "ebr_metadata.json").write_text(json.dumps(
-        {"model_name": "query_tower", "version": 1, "dimension": DIM,
-         "schema_hash": features.schema_hash(), "config": {}, "metrics": {}, "created": ""}))
-
-
 def _write_examples(path, examples):
     import tensorflow as tf
 
@@ -147,7 +125,7 @@ def mining_setup(tmp_path_factory):
     emb = write_embeddings(root / "emb", doc_ids, X, model_version=1)
     build_index(emb, root / "index", backend="exact")
     (root / "model" / "query_tower").mkdir(parents=True)
-    _write_query_tower(root / "model" / "query_tower" / "1")
+    write_hashed_query_tower(root / "model" / "query_tower" / "1", DIM, seed=0, buckets=TEXT_BUCKETS)
 
     examples = []
     for i in range(120):
