@@ -37,9 +37,11 @@ def register(subparsers) -> None:
         "paper-tables", help="reproduce the paper's findings on `ebr data social` logs",
         description="Runs the 8 experiments of issue 7 over several seeds and writes a Markdown "
                     "report with tables (mean and std) and PNG plots.")
-    tables.add_argument("--quick", action="store_true", help="small data (measured 4.8-8.2 min per seed on 2 shared cores)")
-    tables.add_argument("--seeds", type=int, default=None,
-                        help="number of seeds (default 3; 2 with --quick)")
+    tables.add_argument("--quick", action="store_true",
+                        help="small data: 3 seeds in under 10 minutes on 2 cores")
+    tables.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3)")
+    tables.add_argument("--jobs", type=int, default=None,
+                        help="seeds run side by side in processes (default: seeds, at most CPUs + 1)")
     tables.add_argument("--out", default="paper_tables", help="output directory")
     tables.add_argument("--only", default="", help="comma-separated experiment numbers (1-8) or row names")
     tables.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -68,6 +70,7 @@ def _paper_tables(args: argparse.Namespace) -> int:
     from experiments import paper_tables
 
     report = paper_tables.main(quick=args.quick, seeds=args.seeds, out=args.out,
-                               only=[s for s in args.only.split(",") if s], overrides=args.set)
+                               only=[s for s in args.only.split(",") if s], overrides=args.set,
+                               jobs=args.jobs)
     print(f"report: {report}")
     return 0

@@ -43,6 +43,8 @@ from experiments import mining
 log = logging.getLogger(__name__)
 
 DOC_TYPES = ("person", "group", "page", "event")
+# The paper's text-only baseline (section 6): query text against document text.
+TEXT_ONLY_FEATURES = ("query", "doc_text")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,12 +106,12 @@ class HarnessConfig:
 # `--quick`: small data, and a grid without the intermediate easy:hard ratios. Batch 64 for six
 # epochs (about 430 steps) because the unified model, unlike the text-only one, is far from
 # trained after 70 steps (recall@10 0.53 -> 0.85 on seed 0; chosen on the unified model alone).
-# Measured 4.8-5.1 minutes per seed on 2 cores shared with other jobs (load 5), hence two seeds
-# by default in quick mode (`--seeds 3` for three).
+# One seed takes 3.4 min on an idle 2-core machine, keeping 1.2 cores busy (tracing and step
+# dispatch are single-threaded Python), so the seeds run side by side in processes (`jobs`).
 QUICK = {"documents": 2_000, "sessions": 6_000, "epochs": 6, "batch_size": 64,
          "hidden_units": [64], "hash_bucket_cap": 20_000, "text_buckets": 20_000,
          "ratios": ["100:1", "0:1"], "ann_pq_bytes": [4, 8, 16], "ann_nprobes": [1, 2, 4, 8, 16]}
-QUICK_SEEDS = 2
+SEEDS = 3
 
 
 def make_config(quick: bool = False, overrides: list[str] | None = None) -> HarnessConfig:
@@ -137,9 +139,10 @@ def make_config(quick: bool = False, overrides: list[str] | None = None) -> Harn
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     key: str
-    data: str  # base | text_only | impression_negatives | impression_positives | hard_positives | mined:W:R
+    data: str  # base | impression_negatives | impression_positives | hard_positives | mined:W:R
     loss: tuple = ()  # LossConfig overrides as (name, value) pairs
     extra_only: bool = False  # no random (easy) negatives: only the example's negative_doc_ids
+    tower_features: tuple = ()  # TrainConfig.tower_features; () = every feature (unified)
     about: str = ""
 
 
@@ -168,12 +171,13 @@ def mined_key(window: str, ratio: str) -> str:
 def plan(cfg: HarnessConfig) -> tuple[dict[str, ModelSpec], list[Row]]:
     models: dict[str, ModelSpec] = {}
 
-    def model(key, data, loss=(), extra_only=False, about=""):
-        models[key] = ModelSpec(key, data, tuple(loss), extra_only, about)
+    def model(key, data, loss=(), extra_only=False, about="", tower_features=()):
+        models[key] = ModelSpec(key, data, tuple(loss), extra_only, tuple(tower_features), about)
         return key
 
     unified = model("unified", "base", about="unified embedding, base recipe (random negatives, clicks)")
-    text = model("text_only", "text_only", about="text-only embedding: query and document text features only")
+    text = model("text_only", "base", tower_features=TEXT_ONLY_FEATURES,
+                 about="text-only embedding: the towers embed the query text and the document text only")
     rows = [
         Row(1, "e1.text_only", "text-only embedding", model=text, baseline=True),
         Row(1, "e1.unified", "unified embedding (text + searcher, social, location, history)", model=unified),
@@ -287,9 +291,6 @@ def models_needed(rows: list[Row], models: dict[str, ModelSpec], cfg: HarnessCon
 # Data variants
 
 
-TEXT_ONLY_KEEP = ("query", "doc_text", "doc_id")  # doc_id stays: the trainer's bookkeeping key
-
-
 def _rewrite_tfrecords(src_dir: str, dst_dir: str, fn) -> int:
     import glob
 
@@ -308,29 +309,6 @@ def _rewrite_tfrecords(src_dir: str, dst_dir: str, fn) -> int:
                     w.write(features.make_example(ex))
                     n += 1
     return n
-
-
-def text_only_data(examples: str, output: str) -> str:
-    """The examples directory with every tower input but the texts blanked (train, eval, corpus).
-
-    Stand-in for a trainer switch that leaves features out of the towers (asked for in the
-    report): the document id embedding stays, since the trainer keys documents by it."""
-    from beam_pipelines.mine_negatives import carry_parts
-    from ebr import features
-
-    blank = [n for n in features.QUERY_INPUTS + features.DOC_INPUTS if n not in TEXT_ONLY_KEEP]
-    tmp = output + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-
-    def strip(ex):
-        return {k: v for k, v in ex.items() if k not in blank}
-
-    for part in ("train", "eval", "corpus"):
-        _rewrite_tfrecords(os.path.join(examples, part), os.path.join(tmp, part), strip)
-    carry_parts(examples, tmp, skip=("eval", "corpus", "impressions"))
-    shutil.rmtree(output, ignore_errors=True)
-    os.rename(tmp, output)
-    return output
 
 
 def restrict_ratio(mined_all: str, output: str, ratio: str, seed: int) -> str:
@@ -369,22 +347,17 @@ def train_config(cfg: HarnessConfig, spec: ModelSpec, data_dir: str, model_dir: 
     loss_kwargs = {"loss": cfg.base_loss, "margin": cfg.margin, "temperature": cfg.temperature,
                    "random_negatives": cfg.random_negatives, "seed": seed,
                    "logq": "none" if cfg.base_loss == "triplet" else "pipeline"}
+    if spec.extra_only:  # "instead of random negatives": only the example's negative_doc_ids
+        loss_kwargs.update(random_negatives=0, hard_negatives=0)
     loss_kwargs.update(dict(spec.loss))
-    loss = LossConfig(**loss_kwargs)
-    if spec.extra_only:
-        # "Instead of random negatives": only the example's negative_doc_ids count. LossConfig's
-        # check asks for random or hard negatives with the triplet loss (it cannot see the
-        # extra ones), so the fields are set after construction; the loss handles 0 (see the
-        # report's requests to the trainer).
-        loss.random_negatives = 0
-        loss.hard_negatives = 0
     return TrainConfig(
         data_dir=data_dir, model_dir=model_dir, eval_pattern="eval/__not_evaluated_here__-*",
         embedding_dim=cfg.embedding_dim, feature_dim=cfg.feature_dim, text_dim=cfg.text_dim,
         hidden_units=list(cfg.hidden_units), hash_bucket_cap=cfg.hash_bucket_cap,
         text_char_buckets=cfg.text_buckets, text_word_buckets=cfg.text_buckets,
         batch_size=cfg.batch_size, epochs=cfg.epochs, learning_rate=cfg.learning_rate,
-        seed=seed, version=1, checkpoint_every_steps=1_000_000, loss=loss)
+        tower_features=list(spec.tower_features), seed=seed, version=1,
+        checkpoint_every_steps=1_000_000, loss=LossConfig(**loss_kwargs))
 
 
 @dataclasses.dataclass
@@ -587,8 +560,6 @@ class SeedRun:
             out = self.path("examples")
             stats = self._timed("examples pipeline", run, ExamplesConfig(input=self.raw(), output=out), beam_args)
             self.facts["examples"] = stats.get("written", {})
-        elif key == "text_only":
-            out = self._timed("text-only data", text_only_data, self.dataset("base"), self.path("data", "text_only"))
         elif key == "impression_negatives":
             out = self.path("data", key)
             s = self._timed("impression negatives", ablations.impression_negatives, self.dataset("base"), out,
@@ -654,20 +625,8 @@ class SeedRun:
 
     def embed(self, key: str) -> Embedded:
         if key not in self.embedded:
-            spec = self.models[key]
-            data_dir = self.dataset("text_only" if spec.data == "text_only" else "base")
-            e = self._timed(f"embed {key}", embed_split, self.model(key), data_dir)
-            if spec.data == "text_only":  # its corpus has the type blanked: take it from the base
-                e.doc_types = self._doc_types(e.doc_ids)
-            self.embedded[key] = e
+            self.embedded[key] = self._timed(f"embed {key}", embed_split, self.model(key), self.dataset("base"))
         return self.embedded[key]
-
-    def _doc_types(self, doc_ids: list[str]) -> np.ndarray:
-        from trainer.corpus import load_corpus
-
-        corpus = load_corpus(os.path.join(self.dataset("base"), "corpus", "documents-*.tfrecord.gz"))
-        types = corpus.features["doc_type"].numpy()
-        return np.array([types[corpus.row_of[d]].decode() for d in doc_ids])
 
     def run(self, rows: list[Row]) -> dict[str, dict]:
         results: dict[str, dict] = {}
@@ -829,8 +788,8 @@ def claims(cfg: HarnessConfig) -> list[dict]:
         {"experiment": 1, "claim": "unified embedding beats text-only: +18% recall on events",
          "rule": c_type("event", "+18%"),
          "why": "events are the rarest type in the generator (6% of documents by default), so their "
-                "held-out count is small and noisy; and the text-only stand-in keeps the document id "
-                "embedding, which already memorises popular documents (see notes)."},
+                "held-out count is small and noisy, and names are drawn from one shared pool, so a short "
+                "training may not yet use the social and location signals that separate namesakes."},
         {"experiment": 1, "claim": "unified embedding beats text-only: +16% recall on groups",
          "rule": c_type("group", "+16%"),
          "why": "group clicks depend on membership, which the unified model sees through the shared "
@@ -948,7 +907,7 @@ EXPERIMENT_TITLES = {
 
 def write_report(out: str, cfg: HarnessConfig, models: dict[str, ModelSpec], rows: list[Row],
                  agg: dict, seeds: list[int], quick: bool, command: str, facts: list[dict],
-                 seconds: float) -> str:
+                 seconds: float, jobs: int = 1) -> str:
     os.makedirs(out, exist_ok=True)
     ks = cfg.ks
     k = cfg.primary_k
@@ -956,7 +915,8 @@ def write_report(out: str, cfg: HarnessConfig, models: dict[str, ModelSpec], row
         "# The paper's findings on generated social-search logs",
         "",
         f"Command: `{command}`  ",
-        f"Seeds: {seeds} ({'quick mode' if quick else 'full mode'}); wall time {seconds / 60:.1f} min.  ",
+        f"Seeds: {seeds} ({'quick mode' if quick else 'full mode'}); wall time {seconds / 60:.1f} min "
+        f"with {jobs} seed(s) at a time on {os.cpu_count()} CPU(s).  ",
         f"Data per seed: `ebr data social --documents {cfg.documents} --sessions {cfg.sessions} --seed S`, "
         "then `ebr pipeline examples` (hash split, 10% of sessions held out).  ",
         f"Metric: recall@K = share of held-out (query, clicked document) pairs whose document ranks in "
@@ -1041,9 +1001,8 @@ def write_report(out: str, cfg: HarnessConfig, models: dict[str, ModelSpec], row
     lines += [
         "## Notes",
         "",
-        "- Text-only model: every tower input except the query text, the document text and the "
-        "document id is blanked in train, eval and corpus (the trainer has no switch to leave "
-        "features out of the towers yet); the document-id embedding therefore remains.",
+        f"- Text-only model: `TrainConfig.tower_features = {list(TEXT_ONLY_FEATURES)}`; same data, "
+        "loss and training as the unified model, its towers embed nothing else.",
         "- Hard only (easy:hard 0:1) and impression negatives train with no random negatives: "
         "the triplet loss sees only the example's `negative_doc_ids`.",
         f"- Offline mining: the unified model of the same seed is model N; the index is exact over its "
@@ -1055,7 +1014,7 @@ def write_report(out: str, cfg: HarnessConfig, models: dict[str, ModelSpec], row
         "",
         "## Appendix: models",
         "",
-        "| model | training data | loss overrides | about |",
+        "| model | training data | overrides | about |",
         "|---|---|---|---|",
     ]
     for key in sorted(models):
@@ -1063,6 +1022,8 @@ def write_report(out: str, cfg: HarnessConfig, models: dict[str, ModelSpec], row
         over = dict(s.loss)
         if s.extra_only:
             over.update(random_negatives=0, hard_negatives=0)
+        if s.tower_features:
+            over["tower_features"] = list(s.tower_features)
         lines.append(f"| `{key}` | {s.data} | `{json.dumps(over)}` | {s.about} |")
     lines += ["", "Harness configuration:", "", "```json", json.dumps(dataclasses.asdict(cfg), indent=1), "```", "",
               "Per-seed facts (data sizes, mined counts, training steps, timings):", "", "```json",
@@ -1074,23 +1035,56 @@ def write_report(out: str, cfg: HarnessConfig, models: dict[str, ModelSpec], row
     return path
 
 
+def run_seed(cfg: HarnessConfig, models: dict[str, ModelSpec], rows: list[Row], seed: int,
+             work: str, log_level: int | None = None) -> tuple[dict, dict]:
+    """One seed end to end: (row -> metrics, facts). A worker process's entry point."""
+    if log_level is not None:  # a spawned worker starts without the parent's logging set-up
+        logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run = SeedRun(cfg, models, seed, work)
+    results = run.run(rows)
+    return results, {"seed": seed, **run.facts, "timings": run.timings}
+
+
+def run_seeds(cfg: HarnessConfig, models: dict[str, ModelSpec], rows: list[Row], seeds: list[int],
+              work: str, jobs: int) -> list[tuple[dict, dict]]:
+    """Every seed, `jobs` at a time in spawned processes (TensorFlow does not survive a fork);
+    jobs=1 runs them here. Seeds share nothing but the code, so the results do not depend on
+    `jobs`."""
+    if jobs <= 1 or len(seeds) == 1:
+        return [run_seed(cfg, models, rows, s, work) for s in seeds]
+    import concurrent.futures
+    import multiprocessing
+
+    level = logging.getLogger().getEffectiveLevel()
+    with concurrent.futures.ProcessPoolExecutor(
+            max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(run_seed, cfg, models, rows, s, work, level) for s in seeds]
+        return [f.result() for f in futures]
+
+
+def default_jobs(n_seeds: int) -> int:
+    # One process keeps about 1.2 cores busy (see QUICK), so one more process than cores.
+    return max(1, min(n_seeds, (os.cpu_count() or 1) + 1))
+
+
 def main(quick: bool = False, seeds: int | None = None, out: str = "paper_tables",
          only: list[str] | None = None, overrides: list[str] | None = None,
-         command: str | None = None) -> str:
-    """Runs the selected rows over `seeds` seeds; returns the report path."""
+         command: str | None = None, jobs: int | None = None) -> str:
+    """Runs the selected rows over `seeds` seeds (`jobs` processes at a time); returns the
+    report path."""
     started = time.time()
     cfg = make_config(quick, overrides)
-    n_seeds = seeds if seeds is not None else (QUICK_SEEDS if quick else 3)
+    n_seeds = seeds if seeds is not None else SEEDS
     if n_seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {n_seeds}")
+    jobs = default_jobs(n_seeds) if jobs is None else jobs
+    if jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {jobs}")
     models, rows = plan(cfg)
     rows = select_rows(rows, only or [])
     work = os.path.join(out, "work")
-    per_seed, facts = [], []
-    for seed in range(n_seeds):
-        run = SeedRun(cfg, models, seed, work)
-        per_seed.append(run.run(rows))
-        facts.append({"seed": seed, **run.facts, "timings": run.timings})
+    done = run_seeds(cfg, models, rows, list(range(n_seeds)), work, jobs)
+    per_seed, facts = [r for r, _ in done], [f for _, f in done]
     agg = aggregate(per_seed)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as f:
@@ -1102,4 +1096,4 @@ def main(quick: bool = False, seeds: int | None = None, out: str = "paper_tables
                    f"--out {out}" + (f" --only {','.join(only)}" if only else "")
                    + "".join(f" --set {o}" for o in overrides or []))
     return write_report(out, cfg, models, rows, agg, list(range(n_seeds)), quick, command, facts,
-                        time.time() - started)
+                        time.time() - started, jobs)

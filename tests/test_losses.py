@@ -242,6 +242,21 @@ def test_triplet_margin_hand_computed():
                                atol=1e-6)
 
 
+def test_triplet_with_extra_negatives_only():
+    # random_negatives = hard_negatives = 0: the paper's "impressions / hard negatives only"
+    # ablations. Row 0 (query at 0, positive at 0) has an extra negative at 30 deg, row 1 has none
+    # (padding ""), so only row 0 counts and the in-batch document of row 1 is never used.
+    q = tf.constant([_vec(0), _vec(90)], tf.float32)
+    extra = tf.constant([[_vec(30)], [_vec(0)]], tf.float32)
+    ids, p = tf.constant(["a", "b"]), tf.constant([0.1, 0.1])
+    m = 0.3
+    layer = RetrievalLoss(LossConfig(loss="triplet", margin=m, random_negatives=0, hard_negatives=0), 10)
+    got = layer(q, q, ids, p, extra_neg_emb=extra, extra_neg_ids=tf.constant([["x"], [""]]),
+                training=True).numpy()
+    np.testing.assert_allclose(got, m - (1 - np.cos(np.radians(30))), atol=1e-6)
+    assert layer(q, q, ids, p, training=True).numpy() == 0.0  # no extra negatives: nothing to learn
+
+
 def test_triplet_online_hard_negatives_use_k_hardest():
     # Docs at 0, 10, 20, 50, 80 deg, each query on its own doc (D+ = 0), so a negative at angle
     # a from the query adds max(0, m - (1 - cos a)); with m = .3 only neighbours within ~45 deg

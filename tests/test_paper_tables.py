@@ -1,4 +1,5 @@
-"""Smoke run of `ebr experiment paper-tables` end to end (one seed, minimal sizes), plus checks
+"""Smoke run of `ebr experiment paper-tables` end to end (two seeds in two worker processes,
+minimal sizes), plus checks
 of the training-set variants it builds (hard positives, impression negatives/positives,
 mined negatives) on the run's own artifacts."""
 import glob
@@ -22,7 +23,7 @@ TINY = ["documents=400", "sessions=1500", "epochs=1", "batch_size=64", "embeddin
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("paper_tables")
-    report = pt.main(quick=True, seeds=1, out=str(out), overrides=TINY)
+    report = pt.main(quick=True, seeds=2, out=str(out), overrides=TINY, jobs=2)
     return out, report
 
 
@@ -41,7 +42,8 @@ def test_report_structure_and_numbers(smoke):
     for exp, title in pt.EXPERIMENT_TITLES.items():
         assert f"## {exp}. {title}" in text
     assert "## Summary against the paper" in text and "## Appendix: models" in text
-    assert "Command: `ebr experiment paper-tables --quick --seeds 1" in text
+    assert "Command: `ebr experiment paper-tables --quick --seeds 2" in text
+    assert "with 2 seed(s) at a time" in text
     for png in ("e1_by_type.png", "e2.png", "e3.png", "e4.png", "e5.png", "e6.png", "e7.png", "e8_ann.png"):
         assert (out / png).stat().st_size > 1000, png
         assert f"]({png})" in text
@@ -53,7 +55,7 @@ def test_report_structure_and_numbers(smoke):
     for row, metrics in results["aggregate"].items():
         assert f"`{row}`" in text  # every row is named in the report, so it can be rerun alone
         for name, m in metrics.items():
-            assert m["n"] == 1 and all(math.isfinite(v) for v in m["values"]), (row, name)
+            assert m["n"] == 2 and all(math.isfinite(v) for v in m["values"]), (row, name)
             if "recall" in name:
                 assert 0.0 <= m["mean"] <= 1.0, (row, name, m)
     # each claim gets a verdict from the numbers; a disagreement carries its explanation
@@ -62,6 +64,10 @@ def test_report_structure_and_numbers(smoke):
     assert text.count("Why it may differ") == sum(v != "agrees" for v in verdicts) // 2
     # the exact-search row of experiment 8 is the reference: recall 1 against itself
     assert results["aggregate"]["e8.exact"]["ann_recall@10"]["mean"] == 1.0
+    # the seeds are different data: their numbers differ, and the report's ± is their spread
+    assert [f["seed"] for f in results["facts"]] == [0, 1]
+    unified = results["aggregate"]["e1.unified"]["recall@10"]
+    assert unified["values"][0] != unified["values"][1] and unified["std"] > 0
     assert results["aggregate"]["e8.PQ4.nprobe_1"]["scanned"]["mean"] < 400
 
 

@@ -102,6 +102,29 @@ def test_towers_share_schema_tables_and_normalise(dataset):
     assert q2.text is not d2.text
 
 
+def test_tower_features_embed_only_the_listed_inputs(dataset):
+    # The paper's text-only baseline: the towers still take every schema input (one serving
+    # signature for all models) but embed only the query text and the document text.
+    q, d = build_towers(tfx.tiny_config(dataset, "/unused", "tower_features=query,doc_text"))
+    assert q.feature_names == ("query",) and d.feature_names == ("doc_text",)
+    assert q.input_names == features.QUERY_INPUTS and d.input_names == features.DOC_INPUTS
+    batch = _batch(dataset, 4)
+    changed = dict(batch)
+    for name in features.QUERY_INPUTS + features.DOC_INPUTS:
+        if name not in ("query", "doc_text"):
+            changed[name] = tf.fill(tf.shape(batch[name]), "zz")
+    np.testing.assert_array_equal(q(q.select(batch)).numpy(), q(q.select(changed)).numpy())
+    np.testing.assert_array_equal(d(d.select(batch)).numpy(), d(d.select(changed)).numpy())
+    # and the unified towers do see those inputs
+    qu, du = build_towers(tfx.tiny_config(dataset, "/unused"))
+    assert not np.allclose(qu(qu.select(batch)).numpy(), qu(qu.select(changed)).numpy())
+    assert not np.allclose(du(du.select(batch)).numpy(), du(du.select(changed)).numpy())
+    with pytest.raises(ValueError, match="without inputs"):
+        tfx.tiny_config(dataset, "/unused", "tower_features=query")
+    with pytest.raises(ValueError, match="not tower inputs"):
+        tfx.tiny_config(dataset, "/unused", "tower_features=query,doc_txt")
+
+
 def test_empty_query_text_and_empty_multi_values_work(dataset):
     q, _ = build_towers(tfx.tiny_config(dataset, "/unused"))
     batch = _query_inputs(_batch(dataset, 4))

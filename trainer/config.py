@@ -31,6 +31,10 @@ class TrainConfig:
     hidden_units: list[int] = dataclasses.field(default_factory=lambda: [256])
     share_text_tables: bool = True  # paper: the towers share some parameters
     history_attention: bool = True  # history pooled by attention on the query text, plus mean
+    # Schema features the towers embed; empty = all. ["query", "doc_text"] is the paper's
+    # text-only baseline (section 6, table 2). The serving signatures still take every input of
+    # the schema and ignore the rest, so clients, pipelines and TF Serving configs do not change.
+    tower_features: list[str] = dataclasses.field(default_factory=list)
     hash_bucket_cap: int = 0  # 0 = schema sizes; else min(schema size, cap) per table
     text_char_buckets: int = features.TEXT_CHAR_BUCKETS
     text_word_buckets: int = features.TEXT_WORD_BUCKETS
@@ -59,6 +63,20 @@ class TrainConfig:
             raise ValueError(f"optimizer must be adam, adagrad or sgd, got {self.optimizer!r}")
         if self.epochs <= 0 or self.steps_per_epoch < 0:
             raise ValueError("epochs must be positive and steps_per_epoch >= 0")
+        if self.tower_features:
+            known = features.QUERY_INPUTS + features.DOC_INPUTS
+            unknown = sorted(set(self.tower_features) - set(known))
+            if unknown:
+                raise ValueError(f"tower_features: {unknown} are not tower inputs of ebr.features; "
+                                 f"known: {list(known)}")
+            for side, names in (("query", features.QUERY_INPUTS), ("document", features.DOC_INPUTS)):
+                if not set(self.tower_features) & set(names):
+                    raise ValueError(f"tower_features {self.tower_features} leave the {side} tower "
+                                     f"without inputs; pick from {list(names)}")
+        if (self.loss.loss == "triplet" and self.loss.random_negatives == 0
+                and self.loss.hard_negatives == 0 and not self.use_extra_negatives):
+            raise ValueError("triplet loss without random or hard negatives trains on the examples' "
+                             "negative_doc_ids only: set use_extra_negatives")
 
     def buckets(self, feature: features.Feature) -> int:
         if self.hash_bucket_cap > 0:

@@ -62,7 +62,9 @@ Triplet loss (`loss="triplet"`, paper section 3.1), on cosine distance D(u, v) =
 
 N_i = `random_negatives` columns drawn uniformly among row i's valid pool columns (shuffled
 in-batch negatives) + the `hard_negatives` k highest-cosine valid pool columns (online hard
-negatives, paper section 6.1; k=2 was best) + all valid extra negatives of row i. No temperature or
+negatives, paper section 6.1; k=2 was best) + all valid extra negatives of row i. With
+`random_negatives = hard_negatives = 0` only the extra negatives remain: the paper's "impressions
+as negatives" and "hard negatives only" ablations (a row without extra negatives adds 0). No temperature or
 logQ: the margin works on raw distances.
 
 Reduction: `sum` over this replica's rows (as `tfrs.tasks.Retrieval`); `mean` divides by the
@@ -133,8 +135,6 @@ class LossConfig:
             raise ValueError(f"loss.cache_refresh_steps must be positive, got {self.cache_refresh_steps}")
         if self.margin < 0:
             raise ValueError(f"loss.margin must be >= 0, got {self.margin}")
-        if self.loss == "triplet" and self.random_negatives == 0 and self.hard_negatives == 0:
-            raise ValueError("triplet loss needs random_negatives > 0 or hard_negatives > 0")
 
 
 class RetrievalLoss(tf.keras.layers.Layer):

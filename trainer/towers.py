@@ -96,7 +96,11 @@ class Tower(tf.keras.Model):
                  text: TextEmbedding, **kwargs):
         super().__init__(**kwargs)
         self.side = side
-        self.feature_specs = features.features(side)
+        # Every input of the side is accepted (the serving signature is the schema's); only
+        # `config.tower_features` (all when empty) are embedded.
+        self.input_names = tuple(f.name for f in features.features(side))
+        self.feature_specs = tuple(f for f in features.features(side)
+                                   if not config.tower_features or f.name in config.tower_features)
         self.feature_names = tuple(f.name for f in self.feature_specs)
         self.tables = {f.name: tables[f.table or f.name] for f in self.feature_specs
                        if f.kind in (features.CATEGORICAL, features.MULTI)}
@@ -122,7 +126,7 @@ class Tower(tf.keras.Model):
 
     def select(self, inputs: dict) -> dict:
         """This tower's inputs out of a batch holding both sides (a fixed key set for Keras)."""
-        return {name: inputs[name] for name in self.feature_names}
+        return {name: inputs[name] for name in self.input_names}
 
     def call(self, inputs: dict, training: bool = False) -> tf.Tensor:
         parts, text_emb = [], None
