@@ -76,6 +76,9 @@ class HarnessConfig:
     # experiment grids
     impression_negatives_max: int = 8
     online_hard: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2, 4])
+    # > 0: experiment 1 also compares text-only and unified with this many online hard negatives
+    # in both models (a second recipe beside the base one; not one of the paper's claims)
+    e1_online_hard: int = 0
     windows: list[str] = dataclasses.field(default_factory=lambda: ["1-100", "101-500", "501-1000"])
     ratios: list[str] = dataclasses.field(default_factory=lambda: ["100:1", "10:1", "1:1", "0:1"])
     default_window: str = "101-500"
@@ -190,10 +193,22 @@ def plan(cfg: HarnessConfig) -> tuple[dict[str, ModelSpec], list[Row]]:
             model=model("impression_positives", "impression_positives",
                         about="positives: clicks plus non-clicked impressions")),
     ]
+    def online_hard(k):
+        return unified if k == 0 else model(f"online_hard_{k}", "base", loss=(("hard_negatives", k),),
+                                            about=f"{k} hardest in-batch negatives per positive added")
+
+    if cfg.e1_online_hard:
+        k = cfg.e1_online_hard
+        rows += [
+            Row(1, f"e1.text_only.online_hard_{k}", f"text-only embedding, {k} online hard negatives",
+                model=model(f"text_only_online_hard_{k}", "base", loss=(("hard_negatives", k),),
+                            tower_features=TEXT_ONLY_FEATURES,
+                            about=f"text-only embedding, {k} hardest in-batch negatives per positive added")),
+            Row(1, f"e1.unified.online_hard_{k}", f"unified embedding, {k} online hard negatives",
+                model=online_hard(k)),
+        ]
     for k in cfg.online_hard:
-        key = unified if k == 0 else model(f"online_hard_{k}", "base", loss=(("hard_negatives", k),),
-                                           about=f"{k} hardest in-batch negatives per positive added")
-        rows.append(Row(4, f"e4.online_hard_{k}", f"{k} online hard negatives per positive", model=key,
+        rows.append(Row(4, f"e4.online_hard_{k}", f"{k} online hard negatives per positive", model=online_hard(k),
                         baseline=k == 0))
     rows.append(Row(5, "e5.random_only", "random negatives only (easy:hard 1:0)", model=unified, baseline=True))
     grid = [(w, cfg.default_ratio) for w in cfg.windows]
@@ -983,6 +998,13 @@ def write_report(out: str, cfg: HarnessConfig, models: dict[str, ModelSpec], row
                 _plot(os.path.join(out, "e1_by_type.png"), f"Experiment 1: recall@{k} by document type",
                       list(DOC_TYPES), series, f"recall@{k}")
                 lines += ["", "![experiment 1](e1_by_type.png)"]
+                hard = cfg.e1_online_hard
+                pair = (f"e1.text_only.online_hard_{hard}", f"e1.unified.online_hard_{hard}")
+                if hard and all(p in agg for p in pair):
+                    c = compare(agg, *pair, f"recall@{k}")
+                    lines += ["", f"Second recipe (not a paper claim): with {hard} online hard negatives in "
+                              f"both models, unified vs text-only recall@{k} {c['relative']:+.1%} "
+                              f"({c['verdict']})."]
             else:
                 series = {f"recall@{x}": [(agg.get(r.name, {}).get(f"recall@{x}", {}).get("mean", 0.0),
                                           agg.get(r.name, {}).get(f"recall@{x}", {}).get("std", 0.0))

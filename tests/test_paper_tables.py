@@ -17,7 +17,7 @@ TINY = ["documents=400", "sessions=1500", "epochs=1", "batch_size=64", "embeddin
         "text_buckets=2000", "online_hard=0,2", "windows=11-60", "default_window=11-60",
         "ratios=0:1", "default_ratio=0:1", "ensemble_hard_model=mined_11-60_0:1",
         "ensemble_alphas=1.0", "cascade_n=100", "ann_pq_bytes=4", "ann_nprobes=1,4",
-        "impression_negatives_max=4"]
+        "impression_negatives_max=4", "e1_online_hard=2"]
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,9 @@ def test_report_structure_and_numbers(smoke):
             assert m["n"] == 2 and all(math.isfinite(v) for v in m["values"]), (row, name)
             if "recall" in name:
                 assert 0.0 <= m["mean"] <= 1.0, (row, name, m)
+    # experiment 1 under the second recipe: both models with 2 online hard negatives
+    assert {"e1.text_only.online_hard_2", "e1.unified.online_hard_2"} <= set(results["aggregate"])
+    assert "Second recipe (not a paper claim): with 2 online hard negatives in both models" in text
     # each claim gets a verdict from the numbers; a disagreement carries its explanation
     verdicts = re.findall(r"\*\*(agrees|disagrees|inconclusive|partly|not measured)\*\*", text)
     assert len(verdicts) >= 2 * len(pt.claims(cfg))
