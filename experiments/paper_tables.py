@@ -43,7 +43,7 @@ from experiments import mining
 log = logging.getLogger(__name__)
 
 DOC_TYPES = ("person", "group", "page", "event")
-# The paper's text-only baseline (section 6): query text against document text.
+# The text-only baseline of experiment 1: query text against document text.
 TEXT_ONLY_FEATURES = ("query", "doc_text")
 
 
@@ -193,6 +193,7 @@ def plan(cfg: HarnessConfig) -> tuple[dict[str, ModelSpec], list[Row]]:
             model=model("impression_positives", "impression_positives",
                         about="positives: clicks plus non-clicked impressions")),
     ]
+
     def online_hard(k):
         return unified if k == 0 else model(f"online_hard_{k}", "base", loss=(("hard_negatives", k),),
                                             about=f"{k} hardest in-batch negatives per positive added")

@@ -1,7 +1,6 @@
 """Smoke run of `ebr experiment paper-tables` end to end (two seeds in two worker processes,
-minimal sizes), plus checks
-of the training-set variants it builds (hard positives, impression negatives/positives,
-mined negatives) on the run's own artifacts."""
+minimal sizes), plus checks of the training-set variants it builds (hard positives, impression
+negatives/positives, mined negatives) on the run's own artifacts."""
 import glob
 import json
 import math

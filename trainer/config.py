@@ -31,9 +31,9 @@ class TrainConfig:
     hidden_units: list[int] = dataclasses.field(default_factory=lambda: [256])
     share_text_tables: bool = True  # paper: the towers share some parameters
     history_attention: bool = True  # history pooled by attention on the query text, plus mean
-    # Schema features the towers embed; empty = all. ["query", "doc_text"] is the paper's
-    # text-only baseline (section 6, table 2). The serving signatures still take every input of
-    # the schema and ignore the rest, so clients, pipelines and TF Serving configs do not change.
+    # Schema features the towers embed; empty = all. ["query", "doc_text"] is the text-only
+    # baseline the paper measures the unified model against. The serving signatures take every
+    # input of the schema and ignore the rest, so clients, pipelines and TF Serving configs stay.
     tower_features: list[str] = dataclasses.field(default_factory=list)
     hash_bucket_cap: int = 0  # 0 = schema sizes; else min(schema size, cap) per table
     text_char_buckets: int = features.TEXT_CHAR_BUCKETS
