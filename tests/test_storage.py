@@ -1,0 +1,100 @@
+"""ebr.storage and ebr.artifacts on local disk and on the Cloud Storage emulator.
+
+The gs:// cases run TensorFlow's own GCS file system against tests/gcs_emulator.py.
+"""
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from ebr import artifacts, storage
+from gcs_emulator import check_loopback
+
+
+def test_emulator_addresses_are_loopback_and_other_hosts_are_refused(gcs_emulator):
+    for key in ("STORAGE_EMULATOR_HOST", "HTTPS_PROXY", "GCE_METADATA_HOST"):
+        check_loopback(os.environ[key])
+    with pytest.raises(RuntimeError, match="non-loopback"):
+        check_loopback("192.0.2.1:443")  # TEST-NET-1: never contacted, only resolved
+    # The front tunnels only to the two GCS hosts: anything else is refused before any
+    # connection is made (the proxy answers 403 to the CONNECT).
+    proxy = urllib.request.ProxyHandler({"https": os.environ["HTTPS_PROXY"]})
+    with pytest.raises(OSError, match="403"):
+        urllib.request.build_opener(proxy).open("https://example.com/", timeout=5)
+
+
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_roundtrip_list_and_remove(where, tmp_path, request):
+    root = str(tmp_path / "a") if where == "local" else request.getfixturevalue("gcs_root")
+    storage.write_json(storage.join(root, "x", "m.json"), {"k": 1})
+    storage.write_bytes(storage.join(root, "x", "sub", "b.bin"), b"\0" * 1000)
+    assert storage.read_json(storage.join(root, "x", "m.json")) == {"k": 1}
+    assert storage.listdir(storage.join(root, "x")) == ["m.json", "sub"]
+    assert storage.walk_files(root) == ["x/m.json", "x/sub/b.bin"]
+    assert storage.size(storage.join(root, "x", "sub", "b.bin")) == 1000
+    storage.remove(storage.join(root, "x"))
+    assert storage.walk_files(root) == []
+    with pytest.raises(storage.NotFound, match=r"read .*m\.json"):
+        storage.read_bytes(storage.join(root, "x", "m.json"))
+
+
+def test_errors_name_operation_and_path(gcs_emulator, tmp_path):
+    with pytest.raises(storage.StorageError, match=r"unknown URI scheme 'nosuch'.*nosuch://b/x"):
+        storage.read_bytes("nosuch://b/x")
+    with pytest.raises(storage.StorageError, match=r"write gs://no-such-bucket-ebr/x"):
+        storage.write_bytes("gs://no-such-bucket-ebr/x", b"1")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if os.geteuid() != 0:  # root ignores permission bits
+        with pytest.raises(storage.StorageError, match=r"write .*locked/f"):
+            storage.write_bytes(str(locked / "f"), b"1")
+
+
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_commit_protocol_readers_see_only_committed(where, tmp_path, request):
+    base = str(tmp_path / "art") if where == "local" else request.getfixturevalue("gcs_root")
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    (stage / "data.bin").write_bytes(b"v1")
+    (stage / "manifest.json").write_text("{}")
+    v1 = artifacts.publish_dir(str(stage), base, last=("manifest.json",))
+    assert artifacts.resolve(base) == v1 and v1.endswith("/1")
+    artifacts.verify(v1, checksums=True)
+    # A writer killed mid-publish: files of version 2 but no commit marker.
+    storage.write_bytes(storage.join(base, "2", "data.bin"), b"half")
+    assert artifacts.versions(base) == [1]
+    assert artifacts.resolve(base) == v1
+    with pytest.raises(artifacts.UncommittedVersion, match="not committed"):
+        artifacts.resolve(storage.join(base, "2"))
+    # The next writer removes the leftover and publishes version 3.
+    v3 = artifacts.publish_dir(str(stage), base, keep=1)
+    assert v3.endswith("/3") and artifacts.versions(base) == [3]
+    assert not storage.exists(storage.join(base, "2")) and not storage.exists(v1)
+    storage.write_bytes(storage.join(v3, "data.bin"), b"changed!")
+    with pytest.raises(artifacts.ArtifactError, match="truncated or altered"):
+        artifacts.verify(v3)
+
+
+def test_tower_pair_commits_as_one_unit(tmp_path):
+    model_dir = str(tmp_path / "models")
+    staged = {}
+    for name in artifacts.TOWERS:
+        d = tmp_path / f"stage-{name}"
+        d.mkdir()
+        (d / "saved_model.pb").write_bytes(b"x")
+        staged[name] = str(d)
+    artifacts.publish_towers(staged, model_dir)
+    # Interrupted second export: the doc tower committed, the query tower did not.
+    dirs = {n: artifacts.begin_version(artifacts.tower_base(model_dir, n), 2) for n in artifacts.TOWERS}
+    for n, d in dirs.items():
+        artifacts.upload(staged[n], d)
+    artifacts.commit(dirs["doc_tower"])
+    for n in artifacts.TOWERS:
+        assert artifacts.resolve(os.path.join(model_dir, n)).endswith(f"{n}/1")
+    with pytest.raises(artifacts.UncommittedVersion, match="every tower"):
+        artifacts.resolve(os.path.join(model_dir, "doc_tower", "2"))
+    assert artifacts.publish_towers(staged, model_dir)["query_tower"].endswith("/3")
