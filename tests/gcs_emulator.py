@@ -20,9 +20,11 @@ The route (docs/contracts.md, "Testing against an emulator"):
   * the GCE metadata server (`GCE_METADATA_HOST`) that google-auth asks for application default
     credentials, as on GKE and Vertex: it hands out a fixed token, so Beam authenticates without
     its 30 s of credential retries.
-  It rewrites two things a real GCS accepts and Go's net/http does not: the obsolete
-  `Transfer-Encoding: identity` header libcurl sends on empty POSTs (Go answers 501), and the
-  LF-only line ends of google-cloud-storage's multipart batch bodies (Go parses no parts).
+  It mends two places where the emulator is not GCS: it drops the obsolete
+  `Transfer-Encoding: identity` header libcurl sends on empty POSTs (Go's net/http answers
+  501), and it runs JSON API batch requests (`/batch/storage/v1`, which Beam's gcsio uses to
+  copy and delete; fake-gcs-server parses no parts of google-cloud-storage's batch bodies)
+  one sub-request at a time against the emulator.
 - Every address in the environment is checked to be on loopback before anything is sent, and
   TensorFlow's GCS retries are bounded (`GCS_RETRY_CONFIG_*`).
 """
@@ -30,6 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import email
+import http.client
 import ipaddress
 import json
 import os
@@ -127,7 +131,40 @@ def _header(lines: list[bytes], name: bytes) -> bytes | None:
     return None
 
 
-async def _forward_requests(first: bytes | None, reader, writer) -> None:
+def run_batch(http_port: int, content_type: bytes, body: bytes) -> bytes:
+    """A JSON API batch request executed one sub-request at a time; the multipart reply."""
+    msg = email.message_from_bytes(b"Content-Type: " + content_type + b"\r\nMIME-Version: 1.0"
+                                   b"\r\n\r\n" + body)
+    boundary = "batch_ebr_emulator"
+    out = []
+    for i, part in enumerate(msg.get_payload(), 1):
+        raw = part.get_payload()
+        raw = (raw.encode("utf-8") if isinstance(raw, str) else raw).replace(b"\r\n", b"\n")
+        head, _, sub_body = raw.partition(b"\n\n")
+        lines = head.decode("utf-8").split("\n")
+        method, url, _ = lines[0].split(" ", 2)
+        target = urllib.parse.urlsplit(url)
+        headers = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)
+                   if k.strip().lower() not in ("host", "content-length", "accept-encoding")}
+        conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=30)
+        try:
+            conn.request(method, target.path + (f"?{target.query}" if target.query else ""),
+                         body=sub_body.strip(b"\n") or None, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+        finally:
+            conn.close()
+        out.append(f"--{boundary}\r\nContent-Type: application/http\r\nContent-ID: "
+                   f"<response-{i}>\r\n\r\nHTTP/1.1 {resp.status} {resp.reason}\r\n"
+                   f"Content-Type: {resp.getheader('Content-Type', 'application/json')}\r\n"
+                   f"Content-Length: {len(data)}\r\n\r\n".encode() + data + b"\r\n")
+    payload = b"".join(out) + f"--{boundary}--\r\n".encode()
+    return (f"HTTP/1.1 200 OK\r\nContent-Type: multipart/mixed; boundary={boundary}\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n").encode() + payload
+
+
+async def _forward_requests(first: bytes | None, reader, writer, client=None,
+                            http_port: int = 0) -> None:
     """Copies HTTP/1.1 requests from the client to the emulator, fixing the two
     incompatibilities named in the module docstring; responses are piped back untouched."""
     try:
@@ -140,12 +177,14 @@ async def _forward_requests(first: bytes | None, reader, writer) -> None:
             lines = [ln for ln in lines
                      if ln.lower().replace(b" ", b"") != b"transfer-encoding:identity"]
             length = int(_header(lines, b"content-length") or 0)
-            if lines[0].split(b" ")[1].split(b"?")[0].endswith(b"/batch/storage/v1") and length:
+            if (client is not None and length
+                    and lines[0].split(b" ")[1].split(b"?")[0].endswith(b"/batch/storage/v1")):
+                # Clients wait for each response before the next request (no pipelining),
+                # so the reply can go straight back on the client's connection.
                 body = await reader.readexactly(length)
-                body = body.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-                lines = [ln for ln in lines if not ln.lower().startswith(b"content-length:")]
-                lines.append(b"Content-Length: %d" % len(body))
-                writer.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+                client.write(await asyncio.to_thread(
+                    run_batch, http_port, _header(lines, b"content-type") or b"", body))
+                await client.drain()
             else:
                 writer.write(b"\r\n".join(lines) + b"\r\n\r\n")
                 await writer.drain()  # before the body: libcurl waits for 100-continue
@@ -232,7 +271,8 @@ class Front:
             writer.close()
             return
         up_r, up_w = await asyncio.open_connection("127.0.0.1", self.http_port)
-        await asyncio.gather(_forward_requests(head, reader, up_w), _pipe(up_r, writer))
+        await asyncio.gather(_forward_requests(head, reader, up_w, writer, self.http_port),
+                             _pipe(up_r, writer))
 
     def start(self) -> int:
         ready = threading.Event()
