@@ -4,6 +4,8 @@ generate social-search logs -> Beam examples pipeline -> train the unified model
 towers -> evaluate -> embed the corpus (Beam) -> build the IVF-PQ index -> start the model server
 (TF Serving API) and the retrieval service as real processes -> ask a few queries over gRPC.
 Each stage is the same `ebr` subcommand a user would run; the commands are printed as they go.
+--out is any URI (`gs://BUCKET/demo` included): every artifact lands there and the servers load
+from there; only the servers' own log files stay on local disk.
 """
 from __future__ import annotations
 
@@ -16,8 +18,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+from ebr import storage
 
 log = logging.getLogger("ebr.demo")
 
@@ -31,7 +36,8 @@ NUM_QUERIES = 4
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="run the whole stack end to end on generated data")
-    p.add_argument("--out", default="ebr-demo", help="everything the demo makes goes here")
+    p.add_argument("--out", default="ebr-demo",
+                   help="everything the demo makes goes here (any URI, e.g. gs://BUCKET/demo)")
     p.add_argument("--documents", type=int, default=DEMO_DATA["documents"])
     p.add_argument("--sessions", type=int, default=DEMO_DATA["sessions"])
     p.add_argument("--seed", type=int, default=DEMO_DATA["seed"])
@@ -57,19 +63,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _sample_queries(raw: Path, n: int) -> list[dict]:
+def _sample_queries(raw: str, n: int) -> list[dict]:
     """Distinct clicked queries from the logs, with the searcher who asked them."""
     path = _raw_file(raw, "sessions")
-    opener = gzip.open if path.suffix == ".gz" else open
+    data = storage.read_bytes(path)
+    if path.endswith(".gz"):
+        data = gzip.decompress(data)
     seen, out = set(), []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            s = json.loads(line)
-            if s.get("query") and s.get("clicks") and s["query"] not in seen:
-                seen.add(s["query"])
-                out.append(s)
-                if len(out) == n:
-                    break
+    for line in data.decode("utf-8").splitlines():
+        s = json.loads(line)
+        if s.get("query") and s.get("clicks") and s["query"] not in seen:
+            seen.add(s["query"])
+            out.append(s)
+            if len(out) == n:
+                break
     return out
 
 
@@ -89,10 +96,9 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def run(args) -> int:
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    raw, examples, models = out / "raw", out / "examples", out / "models"
-    embeddings, index = out / "embeddings", out / "index"
+    out = storage.normalize(args.out)
+    raw, examples, models = (storage.join(out, d) for d in ("raw", "examples", "models"))
+    embeddings, index = storage.join(out, "embeddings"), storage.join(out, "index")
 
     _stage("generate social-search logs", ["data", "social", "--out", str(raw), "--documents",
                                             str(args.documents), "--sessions", str(args.sessions),
@@ -100,25 +106,26 @@ def run(args) -> int:
     _stage("examples pipeline (Beam)", ["pipeline", "examples", "--input", str(raw), "--output",
                                         str(examples)])
     train_sets = [x for item in DEMO_TRAIN + list(args.set) for x in ("--set", item)]
-    _stage("train and export towers", ["train", "--data-dir", str(examples), "--model-dir",
-                                       str(models), "--output", str(out / "train.json"), *train_sets])
+    _stage("train and export towers", ["train", "--data-dir", examples, "--model-dir", models,
+                                       "--output", storage.join(out, "train.json"), *train_sets])
+    query_tower, doc_tower = storage.join(models, "query_tower"), storage.join(models, "doc_tower")
     _stage("evaluate (exact search over the corpus)",
-           ["evaluate", "--model", str(models / "query_tower"), "--doc-model",
-            str(models / "doc_tower"), "--data-dir", str(examples), "--output", str(out / "eval.json")])
-    _stage("embed the corpus (Beam)", ["embed", "--model", str(models / "doc_tower"), "--corpus",
-                                       str(examples / "corpus"), "--output", str(embeddings)])
+           ["evaluate", "--model", query_tower, "--doc-model", doc_tower, "--data-dir", examples,
+            "--output", storage.join(out, "eval.json")])
+    _stage("embed the corpus (Beam)", ["embed", "--model", doc_tower, "--corpus", examples,
+                                       "--output", embeddings])
     _stage("build the ANN index", ["index", "build", "--embeddings", str(embeddings), "--output",
                                    str(index)])
 
     print("\n=== serve: model server (TF Serving API) + retrieval service", flush=True)
     model_port, retrieval_port = _free_port(), _free_port()
-    logs = out / "logs"
-    logs.mkdir(exist_ok=True)
+    logs = Path(out, "logs") if storage.is_local(out) else Path(tempfile.mkdtemp(prefix="ebr-demo-logs-"))
+    logs.mkdir(parents=True, exist_ok=True)
     servers = [_start(["serve", "model", "--model-base-path", str(models), "--port", str(model_port),
                        "--rest-port", "0"], logs / "model_server.log")]
     try:
         servers.append(_start(["serve", "retrieval", "--index", str(index), "--model-address",
-                               f"localhost:{model_port}", "--model", str(models / "query_tower"),
+                               f"localhost:{model_port}", "--model", query_tower,
                                "--port", str(retrieval_port)], logs / "retrieval.log"))
         from serving.retrieval_client import RetrievalClient
 
@@ -133,23 +140,23 @@ def run(args) -> int:
             _stage(f"query {session['query']!r} (the log: {session['searcher_id']} clicked "
                    f"{', '.join(session['clicks'])})", ["query", session["query"], "--address", address,
                                                    "--searcher", session["searcher_id"], "--searchers",
-                                                   str(_raw_file(raw, "searchers")), "-k", "5"])
+                                                   _raw_file(raw, "searchers"), "-k", "5"])
         first = _sample_queries(raw, 1)[0]
         _stage("filtered query", ["query", first["query"], "--address", address, "--searcher",
-                                  first["searcher_id"], "--searchers", str(_raw_file(raw, "searchers")),
+                                  first["searcher_id"], "--searchers", _raw_file(raw, "searchers"),
                                   "-k", "5", "--filter", "NOT type:person"])
     finally:
         for proc in reversed(servers):
             _stop(proc)
 
-    metrics = json.loads((out / "eval.json").read_text())
+    metrics = storage.read_json(storage.join(out, "eval.json"))
     print(f"\nDone. Everything is under {out}.\nHeld-out recall: {json.dumps(_recalls(metrics))}")
     return 0
 
 
-def _raw_file(raw: Path, name: str) -> Path:
-    plain = raw / f"{name}.jsonl"
-    return plain if plain.exists() else raw / f"{name}.jsonl.gz"
+def _raw_file(raw: str, name: str) -> str:
+    plain = storage.join(raw, f"{name}.jsonl")
+    return plain if storage.exists(plain) else f"{plain}.gz"
 
 
 def _recalls(metrics: dict) -> dict:

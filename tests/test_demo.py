@@ -20,3 +20,28 @@ def test_demo_runs_every_stage_and_answers_queries(tmp_path, capsys):
     for sub in ("raw", "examples", "models/query_tower/1", "models/doc_tower/1", "embeddings", "index/1",
                 "logs/model_server.log", "logs/retrieval.log"):
         assert (out / sub).exists(), sub
+
+
+def test_demo_on_the_bucket_leaves_every_artifact_there_and_serves_from_it(tmp_path, gcs_root,
+                                                                           gcs_env):
+    """`ebr demo --out gs://...` as a user runs it (a fresh process), against the emulator of
+    tests/gcs_emulator.py: TensorFlow's and Beam's own gs:// code, nothing local but logs."""
+    import subprocess
+    import sys
+
+    from ebr import artifacts, storage
+
+    proc = subprocess.run([sys.executable, "-m", "ebr.cli", "demo", "--out", gcs_root,
+                           "--documents", "600", "--sessions", "3000", "--set", "epochs=1"],
+                          cwd=tmp_path, env=gcs_env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("(model v1, index v1 faiss") == 5
+    assert not (tmp_path / "gs:").exists() and list(tmp_path.iterdir()) == []
+    assert storage.exists(storage.join(gcs_root, "raw", "sessions.jsonl")) or storage.exists(
+        storage.join(gcs_root, "raw", "sessions.jsonl.gz"))
+    for base in ("examples", "models/query_tower", "models/doc_tower", "embeddings", "index"):
+        vdir = artifacts.resolve(storage.join(gcs_root, base))
+        assert vdir.endswith(f"{base}/1")
+        artifacts.verify(vdir)
+    metrics = storage.read_json(storage.join(gcs_root, "eval.json"))
+    assert 0.0 < metrics["protocols"]["all"]["recall_at_10"] <= 1.0
