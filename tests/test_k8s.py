@@ -224,8 +224,27 @@ def test_vertex_custom_job_runs_trainer_task():
     for pool in pools:
         pkg = pool["pythonPackageSpec"]
         assert pkg["pythonModule"] == "trainer.task"
-        # the model directory comes from AIP_MODEL_DIR (baseOutputDirectory), not from a flag
-        assert parse_trainer_args(pkg["args"]).data_dir.startswith("gs://")
+        config = parse_trainer_args(pkg["args"])
+        assert config.data_dir.startswith("gs://")
+        # the towers go where prod's TF Serving polls (k8s/overlays/prod)
+        assert config.model_dir == "gs://YOUR_BUCKET/ebr/models"
+
+
+def test_prod_keeps_every_artifact_in_the_bucket():
+    """prod reads and writes gs:// only: no stage of it uses the local /artifacts volume for
+    an artifact (k8s/overlays/prod)."""
+    docs = render("overlays/prod")
+    args = []
+    for d in docs:
+        pod = d.get("spec", {}).get("template", {}).get("spec") or \
+            d.get("spec", {}).get("jobTemplate", {}).get("spec", {}).get("template", {}).get("spec")
+        for c in (pod or {}).get("containers", []) + (pod or {}).get("initContainers", []):
+            args += [a for a in c.get("args", []) if a.startswith("--") and "=" in a]
+    paths = [a.split("=", 1)[1] for a in args if a.split("=", 1)[0] in
+             ("--model", "--corpus", "--output", "--embeddings", "--index")]
+    assert len(paths) >= 10 and all(p.startswith("gs://YOUR_BUCKET/ebr/") for p in paths), paths
+    config = by_kind(docs, "ConfigMap")["tf-serving-config"]["data"]["models.config"]
+    assert 'base_path: "gs://YOUR_BUCKET/ebr/models/query_tower"' in config
 
 
 def test_dockerfile_agrees_with_the_manifests():
