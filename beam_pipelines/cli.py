@@ -4,7 +4,8 @@ Beam options go after `--` and reach Beam unchanged, e.g.
   ebr pipeline examples --input raw --output out -- --runner=DataflowRunner --project=P \
       --region=R --temp_location=gs://B/tmp
 The local runner flags are also accepted directly (`--runner`, `--direct_running_mode`,
-`--direct_num_workers`). Heavy imports happen inside the command functions so `ebr --help`
+`--direct_num_workers`). Every path takes any URI (local, gs://); outputs are versioned
+artifacts (`beam_pipelines.outputs`, docs/contracts.md "Commit protocol"). Heavy imports happen inside the command functions so `ebr --help`
 stays fast.
 """
 from __future__ import annotations
@@ -43,7 +44,7 @@ def _examples(args) -> int:
         history=args.history, allow_empty_query=args.allow_empty_query,
         num_shards=args.num_shards)
     stats = examples.run(cfg, _beam_args(args))
-    print(json.dumps({"output": args.output, "totals": stats["totals"],
+    print(json.dumps({"output": stats["output"], "totals": stats["totals"],
                       "written": stats["written"], "timings": stats["timings"]}, indent=2))
     return 0
 
@@ -66,8 +67,11 @@ def register(subparsers) -> None:
     sub = pipeline.add_subparsers(dest="pipeline", required=True)
     ex = sub.add_parser("examples", help="raw logs -> training/eval examples, corpus, stats "
                                          "(docs/contracts.md section 2)")
-    ex.add_argument("--input", required=True, help="raw-log directory (docs/data-format.md)")
-    ex.add_argument("--output", required=True, help="output directory (replaced whole)")
+    ex.add_argument("--input", required=True,
+                    help="raw-log directory, any URI (docs/data-format.md)")
+    ex.add_argument("--output", required=True,
+                    help="examples artifact base (any URI): each run commits a new version "
+                         "OUT/VERSION, keeping the newest 2")
     ex.add_argument("--split", choices=(split.HASH, split.TIME), default=split.HASH)
     ex.add_argument("--eval-fraction", type=float, default=0.1, help="hash split: eval share")
     ex.add_argument("--split-salt", default=split.DEFAULT_SALT, help="hash split: salt")
@@ -85,8 +89,12 @@ def register(subparsers) -> None:
     em = subparsers.add_parser("embed", help="document corpus -> doc_tower embeddings "
                                              "(docs/contracts.md section 4)")
     em.add_argument("--model", required=True, help="MODEL_DIR/doc_tower[/VERSION]")
-    em.add_argument("--corpus", required=True, help="OUT/corpus of `ebr pipeline examples`")
-    em.add_argument("--output", required=True, help="embeddings directory (replaced whole)")
+    em.add_argument("--corpus", required=True,
+                    help="examples artifact EX or EX/VERSION of `ebr pipeline examples` "
+                         "(also EX/corpus, or a glob of corpus TFRecords)")
+    em.add_argument("--output", required=True,
+                    help="embeddings artifact base (any URI): each run commits a new version "
+                         "EMB/VERSION, keeping the newest 2")
     em.add_argument("--batch-size", type=int, default=256)
     em.add_argument("--num-shards", type=int, default=0, help="output shards (0: runner)")
     _add_beam_flags(em)

@@ -1,11 +1,14 @@
-"""`ebr embed`: the exported doc tower over the document corpus, in batch (issue 5).
+"""`ebr embed`: the exported doc tower over the document corpus, in batch.
 
-Place in the data flow: `OUT/corpus` of `ebr pipeline examples` (docs/contracts.md section 2)
-+ `MODEL_DIR/doc_tower[/VERSION]` of `ebr train` (section 3) -> `EMB/` (section 4), which
-`ebr index build` reads with `index.embeddings.read_embeddings`.
+Place in the data flow: the corpus of the examples artifact `EX[/VERSION]` of `ebr pipeline
+examples` (docs/contracts.md section 2) + `MODEL_DIR/doc_tower[/VERSION]` of `ebr train`
+(section 3) -> a new committed version `EMB/VERSION/{embeddings-*.tfrecord.gz,
+embeddings.json, dead_letter/, _COMMITTED}` (section 4), which `ebr index build` reads with
+`index.embeddings.read_embeddings`. Inputs are resolved with `ebr.artifacts` (committed
+versions only).
 
-Steps (local runner by default, Dataflow/Flink/Spark by options; I/O through Beam's file
-systems and TensorFlow's gfile so gs:// paths work):
+Steps (local runner by default, Dataflow/Flink/Spark by options; shards through Beam's file
+systems, driver-side files through `ebr.storage`, so gs:// paths work):
  1. read the corpus TFRecords with their file names; a record that does not parse as an
     Example, or lacks doc_id / doc_text, is a dead letter naming the file;
  2. `RunInference` with `DocTowerHandler`: the tower's `serving_default` takes a dict of named
@@ -14,8 +17,9 @@ systems and TensorFlow's gfile so gs:// paths work):
     document at a time so one bad document is dead-lettered alone; a non-finite or
     wrong-dimension embedding is a dead letter too;
  3. write Examples {doc_id, embedding, filter_terms (`features.document_filter_terms`)} in
-    GZIP TFRecord shards, dead letters as JSON lines, and `embeddings.json` last, into a temp
-    directory published whole (`outputs.publish`).
+    GZIP TFRecord shards and dead letters as JSON lines straight into the new version
+    directory; the driver then writes `embeddings.json` and commits the version
+    (`beam_pipelines.outputs`: marker last, older versions pruned to the newest 2).
 """
 from __future__ import annotations
 
@@ -34,14 +38,13 @@ from apache_beam.transforms.window import GlobalWindows
 
 from beam_pipelines import outputs, tfrecords
 from beam_pipelines.options import make_pipeline
-from ebr import features
+from ebr import artifacts, features, storage
 
 log = logging.getLogger(__name__)
 
-METADATA_FILE = "ebr_metadata.json"
 SIGNATURE = "serving_default"
 CORPUS_GLOB = "documents-*.tfrecord.gz"
-MARKERS = ("embeddings.json",)
+COUNTS_DIR = "_counts"  # per-run counts, read by the driver and removed before the commit
 DEAD, COUNTS, EMB = "dead", "counts", "embeddings"
 RECORD_BATCH = 1024
 
@@ -55,7 +58,7 @@ BAD_EMBEDDING = "bad_embedding"
 @dataclasses.dataclass
 class EmbedConfig:
     model: str  # MODEL_DIR/doc_tower or MODEL_DIR/doc_tower/VERSION
-    corpus: str  # OUT/corpus directory, or a glob of corpus TFRecords
+    corpus: str  # examples artifact EX or EX/VERSION (or EX/corpus, or a glob of TFRecords)
     output: str
     batch_size: int = 256
     num_shards: int = 0
@@ -71,43 +74,16 @@ class EmbedConfig:
 # The model
 
 def resolve_model(path: str) -> tuple[str, dict]:
-    """`MODEL_DIR/doc_tower` (newest complete version) or `.../VERSION` -> (version dir,
-    ebr_metadata.json). Checked in the driver so a wrong path or another schema's model fails
-    before the run, naming the file. Uses tf.io.gfile so gs:// model paths work."""
-    import tensorflow as tf
-
-    path = path.rstrip("/")
-    gfile = tf.io.gfile
-    if not gfile.exists(f"{path}/saved_model.pb"):
-        if not gfile.isdir(path):
-            raise FileNotFoundError(f"model directory {path} does not exist")
-        versions = sorted(int(d.rstrip("/")) for d in gfile.listdir(path)
-                          if d.rstrip("/").isdigit() and int(d.rstrip("/")) > 0
-                          and gfile.exists(f"{path}/{d.rstrip('/')}/saved_model.pb")
-                          and gfile.exists(f"{path}/{d.rstrip('/')}/{METADATA_FILE}"))
-        if not versions:
-            raise FileNotFoundError(f"{path}: no saved_model.pb and no complete numeric version "
-                                    "directory (expected MODEL_DIR/doc_tower[/VERSION])")
-        path = f"{path}/{versions[-1]}"
-    meta_path = f"{path}/{METADATA_FILE}"
-    if not gfile.exists(meta_path):
-        raise FileNotFoundError(f"{meta_path} is missing: not a complete ebr tower export")
-    try:
-        meta = json.loads(gfile.GFile(meta_path, "r").read())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{meta_path}: line {e.lineno}: {e.msg}") from None
-    for key in ("dimension", "schema_hash"):
-        if key not in meta:
-            raise ValueError(f"{meta_path}: missing key {key!r}")
-    if meta["schema_hash"] != features.schema_hash():
-        raise ValueError(f"{meta_path}: schema_hash {meta['schema_hash']!r} differs from this "
-                         f"code's feature schema {features.schema_hash()!r}; embed with the "
-                         "model trained on this schema")
+    """`MODEL_DIR/doc_tower` (newest committed version) or `.../VERSION` -> (version dir,
+    ebr_metadata.json), through `ebr.artifacts` (any URI). Checked in the driver so a wrong
+    path or another schema's model fails before the run, naming the file."""
+    vdir = artifacts.resolve(path, "doc tower")
+    meta = artifacts.read_model_metadata(vdir, features.schema_hash())
     if meta.get("model_name") not in (None, "doc_tower"):
-        raise ValueError(f"{meta_path}: model_name is {meta['model_name']!r}, expected doc_tower")
-    meta.setdefault("version", int(path.rsplit("/", 1)[-1]) if path.rsplit("/", 1)[-1].isdigit()
-                    else None)
-    return path, meta
+        raise artifacts.ArtifactError(
+            f"{storage.join(vdir, artifacts.MODEL_METADATA)}: model_name is "
+            f"{meta['model_name']!r}, expected doc_tower")
+    return vdir, meta
 
 
 def doc_inputs(rows: list[dict]) -> dict[str, np.ndarray]:
@@ -255,21 +231,42 @@ class OutputDoFn(beam.DoFn):
         self._counts.clear()
 
 
-def corpus_pattern(corpus: str) -> str:
-    from apache_beam.io.filesystems import FileSystems
+def _is_glob(path: str) -> bool:
+    return any(c in path for c in "*?[")
 
-    corpus = corpus.rstrip("/")
-    if any(c in corpus for c in "*?["):
-        pattern = corpus
+
+def resolve_corpus(corpus: str) -> tuple[str, str | None]:
+    """`--corpus` -> (glob of corpus TFRecords, examples version dir or None).
+
+    Accepted: the examples artifact `EX` (newest committed version) or `EX/VERSION`; the
+    corpus directory itself (`EX/VERSION/corpus`, or any directory of corpus shards); the old
+    form `EX/corpus`, read as the newest committed version's corpus; a glob of TFRecords."""
+    corpus = storage.normalize(corpus)
+    if _is_glob(corpus):
+        pattern, examples = corpus, None
+    elif storage.glob(storage.join(corpus, CORPUS_GLOB)):
+        pattern, examples = storage.join(corpus, CORPUS_GLOB), None
     else:
-        pattern = f"{corpus}/{CORPUS_GLOB}"
-    if not FileSystems.match([pattern])[0].metadata_list:
-        raise FileNotFoundError(f"no corpus files match {pattern} (expected OUT/corpus of "
-                                "`ebr pipeline examples`)")
-    return pattern
+        base = storage.parent(corpus) if storage.basename(corpus) == "corpus" else corpus
+        try:
+            examples = artifacts.resolve(base, "examples")
+        except (artifacts.ArtifactError, storage.StorageError) as e:
+            raise FileNotFoundError(
+                f"no corpus files match {storage.join(corpus, CORPUS_GLOB)} and {base} is not "
+                f"an examples artifact of `ebr pipeline examples` ({e})") from None
+        pattern = storage.join(examples, "corpus", CORPUS_GLOB)
+    if not storage.glob(pattern):
+        raise FileNotFoundError(f"no corpus files match {pattern} (expected the examples "
+                                "artifact of `ebr pipeline examples`, EX or EX/VERSION)")
+    return pattern, examples
 
 
-def build(p, cfg: EmbedConfig, pattern: str, model_path: str, dimension: int, tmp: str) -> None:
+def corpus_pattern(corpus: str) -> str:
+    return resolve_corpus(corpus)[0]
+
+
+def build(p, cfg: EmbedConfig, pattern: str, model_path: str, dimension: int,
+          out_dir: str) -> None:
     parsed = (p | "Pattern" >> beam.Create([pattern])
               | "ReadCorpus" >> beam.io.ReadAllFromTFRecord(with_filename=True)
               | "Parse" >> beam.FlatMap(parse_record).with_outputs(DEAD, main="docs"))
@@ -278,51 +275,46 @@ def build(p, cfg: EmbedConfig, pattern: str, model_path: str, dimension: int, tm
     out = inferred | "Output" >> beam.ParDo(OutputDoFn(dimension)).with_outputs(
         DEAD, COUNTS, main=EMB)
     _ = out[EMB] | "Write" >> tfrecords.WriteTFRecordBatches(
-        f"{tmp}/embeddings", cfg.num_shards)
+        f"{out_dir}/embeddings", cfg.num_shards)
     dead = (parsed[DEAD], out[DEAD]) | "AllDead" >> beam.Flatten()
     _ = (dead | "DeadJson" >> beam.Map(json.dumps)
-         | "WriteDead" >> beam.io.WriteToText(f"{tmp}/dead_letter/dead", file_name_suffix=".jsonl"))
+         | "WriteDead" >> beam.io.WriteToText(f"{out_dir}/dead_letter/dead", file_name_suffix=".jsonl"))
     counts = (
         (out[COUNTS],
          dead | "DeadCount" >> beam.Map(lambda d: (f"dead:{d['reason']}", 1)),
          parsed.docs | "InCount" >> beam.Map(lambda _: ("parsed", 1)))
         | "AllCounts" >> beam.Flatten() | "Sum" >> beam.CombinePerKey(sum)
         | "CountJson" >> beam.Map(json.dumps)
-        | "WriteCounts" >> beam.io.WriteToText(f"{tmp}/_counts/counts", file_name_suffix=".jsonl"))
+        | "WriteCounts" >> beam.io.WriteToText(f"{out_dir}/{COUNTS_DIR}/counts", file_name_suffix=".jsonl"))
     del counts
 
 
-def _read_counts(tmp: str) -> dict:
-    from apache_beam.io.filesystems import FileSystems
-
+def _read_counts(vdir: str) -> dict:
     counts = collections.Counter()
-    for path in outputs.list_files(f"{tmp}/_counts"):
-        with FileSystems.open(path) as f:
-            for line in f.read().decode("utf-8").splitlines():
-                if line:
-                    key, n = json.loads(line)
-                    counts[key] += n
+    for path in storage.glob(storage.join(vdir, COUNTS_DIR, "counts*")):
+        for line in storage.read_text(path).splitlines():
+            if line:
+                key, n = json.loads(line)
+                counts[key] += n
     return counts
 
 
 def run(cfg: EmbedConfig, beam_args: list[str] | None = None) -> dict:
-    """Runs the pipeline and publishes EMB whole; returns the embeddings.json content."""
+    """Runs the pipeline and commits a new version of EMB; returns the embeddings.json content."""
     started = time.time()
     model_path, meta = resolve_model(cfg.model)
-    pattern = corpus_pattern(cfg.corpus)
-    outputs.check_replaceable(cfg.output, MARKERS)
+    pattern, examples = resolve_corpus(cfg.corpus)
     dimension = int(meta["dimension"])
-    tmp = outputs.temp_dir_for(cfg.output)
-    log.info("embedding %s with %s (dimension %d) -> %s", pattern, model_path, dimension,
-             cfg.output)
-    try:
+    with outputs.NewVersion(cfg.output, "embeddings") as out:
+        log.info("embedding %s with %s (dimension %d) -> %s", pattern, model_path, dimension,
+                 out.dir)
         p = make_pipeline(beam_args)
-        build(p, cfg, pattern, model_path, dimension, tmp)
+        build(p, cfg, pattern, model_path, dimension, out.dir)
         state = p.run().wait_until_finish()
         if state != PipelineState.DONE:
             raise RuntimeError(f"embed pipeline ended in state {state}")
-        counts = _read_counts(tmp)
-        outputs.remove(f"{tmp}/_counts")
+        counts = _read_counts(out.dir)
+        storage.remove(out.path(COUNTS_DIR))
         dead = {k.split(":", 1)[1]: n for k, n in counts.items() if k.startswith("dead:")}
         written = counts.get("written", 0)
         parsed = counts.get("parsed", 0)
@@ -333,14 +325,14 @@ def run(cfg: EmbedConfig, beam_args: list[str] | None = None) -> dict:
         summary = {
             "dimension": dimension, "count": written, "schema_hash": meta["schema_hash"],
             "model_version": meta.get("version"), "model_path": model_path, "corpus": pattern,
-            "records_in": records_in, "records_dead": sum(dead.values()),
-            "dead_by_reason": dead, "seconds": round(time.time() - started, 3),
+            "examples": examples, "records_in": records_in,
+            "records_dead": sum(dead.values()), "dead_by_reason": dead,
+            "seconds": round(time.time() - started, 3),
         }
-        outputs.write_json(f"{tmp}/embeddings.json", summary)
-        outputs.publish(tmp, cfg.output, last="embeddings.json")
-    except BaseException:
-        outputs.remove(tmp)
-        raise
-    log.info("embedded %d documents (%d dead) in %.1fs", written, summary["records_dead"],
-             summary["seconds"])
+        out.commit({artifacts.EMBEDDINGS_SUMMARY: summary},
+                   info={k: summary[k] for k in ("dimension", "count", "schema_hash",
+                                                 "model_version")})
+    summary["output"] = out.dir
+    log.info("embedded %d documents (%d dead) in %.1fs -> %s", written, summary["records_dead"],
+             summary["seconds"], out.dir)
     return summary

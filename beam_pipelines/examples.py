@@ -2,6 +2,11 @@
 
 Place in the data flow: `ebr data social|movielens` (raw logs, docs/data-format.md) -> this
 pipeline (docs/contracts.md section 2) -> `ebr train` / `ebr embed` / `ebr mine-negatives`.
+Each run commits a new version of the examples artifact (`beam_pipelines.outputs`):
+`OUT/VERSION/{train,eval,impressions/{train,eval},corpus,doc_frequencies-*.tsv,dead_letter,
+split.json,schema.json,stats.json,_COMMITTED}`; readers take OUT or OUT/VERSION through
+`artifacts.resolve(path, "examples")`. Shards are written by Beam's sinks straight into the
+version directory (any URI: local, gs://), the json files by the driver, the marker last.
 
 Stages (each GroupByKey is one shuffle; everything between them fuses):
  1. Read the three files in numbered chunks (file + line survive), spread the chunks, parse
@@ -48,7 +53,7 @@ from apache_beam.transforms.window import GlobalWindows
 
 from beam_pipelines import example_bytes, outputs, rawlog, split, tfrecords
 from beam_pipelines.options import make_pipeline, normalize_args
-from ebr import features
+from ebr import artifacts, features, storage
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +62,7 @@ TRAIN, EVAL, IMP_TRAIN, IMP_EVAL = "train", "eval", "impressions/train", "impres
 EXAMPLE_OUTPUTS = (TRAIN, EVAL, IMP_TRAIN, IMP_EVAL)
 CORPUS, FREQ, DEAD, COUNTS, MISSING = "corpus", "freq", "dead", "counts", "missing"
 BY_DOC, BY_SEARCHER, SESSION_IDS = "by_doc", "by_searcher", "session_ids"
-MARKERS = ("stats.json", "split.json", "schema.json")  # an earlier output of this pipeline
+COUNTS_DIR = "_counts"  # per-run counts, read by the driver and removed before the commit
 # Events buffered per worker before being emitted grouped by document (fewer shuffle elements).
 EVENT_BUFFER = 100_000
 REF_BUFFER = 200_000
@@ -375,8 +380,8 @@ def _write_tfrecords(pcoll, label: str, prefix: str, num_shards: int):
     return pcoll | label >> tfrecords.WriteTFRecordBatches(prefix, num_shards)
 
 
-def build(p, cfg: ExamplesConfig, inputs: dict[str, str], tmp: str) -> None:
-    """Adds the whole pipeline to `p`, writing below `tmp` (see the module docstring)."""
+def build(p, cfg: ExamplesConfig, inputs: dict[str, str], out_dir: str) -> None:
+    """Adds the whole pipeline to `p`, writing below `out_dir` (the version directory)."""
     files = [(kind, inputs[kind]) for kind in rawlog.KINDS]
     parsed = (p | "ListFiles" >> beam.Create(files)
               | "Read" >> beam.FlatMap(_read_file, cfg.chunk_lines)
@@ -411,29 +416,26 @@ def build(p, cfg: ExamplesConfig, inputs: dict[str, str], tmp: str) -> None:
     count_parts.append(joined[COUNTS])
 
     for tag in EXAMPLE_OUTPUTS:
-        _write_tfrecords(joined[tag], f"Write[{tag}]", f"{tmp}/{tag}/examples", cfg.num_shards)
-    _write_tfrecords(docs[CORPUS], "Write[corpus]", f"{tmp}/corpus/documents", cfg.num_shards)
+        _write_tfrecords(joined[tag], f"Write[{tag}]", f"{out_dir}/{tag}/examples", cfg.num_shards)
+    _write_tfrecords(docs[CORPUS], "Write[corpus]", f"{out_dir}/corpus/documents", cfg.num_shards)
     _ = (joined[FREQ] | "WriteFrequencies" >> beam.io.WriteToText(
-        f"{tmp}/doc_frequencies", file_name_suffix=".tsv", num_shards=cfg.num_shards))
+        f"{out_dir}/doc_frequencies", file_name_suffix=".tsv", num_shards=cfg.num_shards))
 
     dead = dead_parts | "AllDead" >> beam.Flatten()
     _ = (dead | "DeadJson" >> beam.Map(lambda d: json.dumps(d, ensure_ascii=False))
-         | "WriteDead" >> beam.io.WriteToText(f"{tmp}/dead_letter/dead", file_name_suffix=".jsonl",
+         | "WriteDead" >> beam.io.WriteToText(f"{out_dir}/dead_letter/dead", file_name_suffix=".jsonl",
                                               num_shards=cfg.num_shards))
     count_parts.append(dead | "DeadCounts" >> beam.Map(_dead_count))
     _ = (count_parts | "AllCounts" >> beam.Flatten()
          | "SumCounts" >> beam.CombinePerKey(sum)
          | "CountJson" >> beam.Map(lambda kv: json.dumps([list(kv[0]), kv[1]]))
-         | "WriteCounts" >> beam.io.WriteToText(f"{tmp}/_counts/counts", file_name_suffix=".jsonl"))
+         | "WriteCounts" >> beam.io.WriteToText(f"{out_dir}/{COUNTS_DIR}/counts", file_name_suffix=".jsonl"))
 
 
-def _read_counts(tmp: str) -> list:
-    from apache_beam.io.filesystems import FileSystems
-
+def _read_counts(vdir: str) -> list:
     out = []
-    for path in outputs.list_files(f"{tmp}/_counts"):
-        with FileSystems.open(path) as f:
-            out += [json.loads(line) for line in f.read().decode("utf-8").splitlines() if line]
+    for path in storage.glob(storage.join(vdir, COUNTS_DIR, "counts*")):
+        out += [json.loads(line) for line in storage.read_text(path).splitlines() if line]
     return out
 
 
@@ -463,23 +465,21 @@ def assemble_stats(counts: list, inputs: dict[str, str]) -> dict:
 
 
 def run(cfg: ExamplesConfig, beam_args: list[str] | None = None) -> dict:
-    """Runs the pipeline and publishes OUT whole; returns the stats.json content."""
+    """Runs the pipeline and commits a new version of OUT; returns the stats.json content."""
     started = time.time()
     inputs = rawlog.resolve_inputs(cfg.input)
-    outputs.check_replaceable(cfg.output, MARKERS)
-    tmp = outputs.temp_dir_for(cfg.output)
-    log.info("examples pipeline: %s -> %s (writing %s)", cfg.input, cfg.output, tmp)
-    try:
+    with outputs.NewVersion(cfg.output, "examples") as out:
+        log.info("examples pipeline: %s -> %s", cfg.input, out.dir)
         p = make_pipeline(beam_args)
-        build(p, cfg, inputs, tmp)
+        build(p, cfg, inputs, out.dir)
         t0 = time.time()
         result = p.run()
         state = result.wait_until_finish()
         if state != PipelineState.DONE:
             raise RuntimeError(f"examples pipeline ended in state {state}")
         pipeline_s = time.time() - t0
-        stats = assemble_stats(_read_counts(tmp), inputs)
-        outputs.remove(f"{tmp}/_counts")
+        stats = assemble_stats(_read_counts(out.dir), inputs)
+        storage.remove(out.path(COUNTS_DIR))
         unbalanced = {p_: f for p_, f in stats["files"].items()
                       if f["records_in"] != f["records_out"] + f["records_dead"]}
         if unbalanced:
@@ -487,23 +487,20 @@ def run(cfg: ExamplesConfig, beam_args: list[str] | None = None) -> dict:
                                f"{json.dumps(unbalanced)}")
         argv, local = normalize_args(beam_args)
         stats.update({
-            "input": cfg.input, "output": cfg.output,
+            "input": cfg.input, "output": out.dir,
             "config": {"history": cfg.history, "allow_empty_query": cfg.allow_empty_query,
                        "num_shards": cfg.num_shards},
             "split": split.to_json(cfg.split),
             "runner": [a for a in argv if a.startswith(("--runner", "--direct_"))],
             "schema_hash": features.schema_hash(),
         })
-        outputs.write_json(f"{tmp}/split.json", split.to_json(cfg.split))
-        outputs.write_json(f"{tmp}/schema.json", {"schema": features.schema_dict(),
-                                                 "schema_hash": features.schema_hash()})
         stats["timings"] = {"pipeline_s": round(pipeline_s, 3),
                             "total_s": round(time.time() - started, 3)}
-        outputs.write_json(f"{tmp}/stats.json", stats)
-        outputs.publish(tmp, cfg.output, last="stats.json")
-    except BaseException:
-        outputs.remove(tmp)
-        raise
+        out.commit({"split.json": split.to_json(cfg.split),
+                    "schema.json": {"schema": features.schema_dict(),
+                                    "schema_hash": features.schema_hash()},
+                    artifacts.EXAMPLES_STATS: stats},
+                   info={"schema_hash": features.schema_hash(), "totals": stats["totals"]})
     t = stats["totals"]
     log.info("examples pipeline done in %.1fs: %d records in, %d out, %d dead %s; written %s",
              time.time() - started, t["records_in"], t["records_out"], t["records_dead"],

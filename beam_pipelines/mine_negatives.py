@@ -1,8 +1,9 @@
 """`ebr mine-negatives`: offline hard negatives for the next model (paper section 6.1.1).
 
-Place in the data flow: training examples of `ebr pipeline examples` (docs/contracts.md 2) +
-the current model's `query_tower` (3) + an index of its document embeddings (5) -> a training
-set of the same layout whose selected examples carry `negative_doc_ids`. Iterable: mine with
+Place in the data flow: the examples artifact of `ebr pipeline examples` (docs/contracts.md 2) +
+the current model's `query_tower` (3) + an index of its document embeddings (5) -> an
+examples artifact of the same layout whose selected training examples carry
+`negative_doc_ids`. Iterable: mine with
 model N, train model N+1 on the output, mine again with N+1.
 
 Steps (a Beam pipeline through `beam_pipelines.options.make_pipeline`: local FnApiRunner by
@@ -15,42 +16,42 @@ default, Dataflow/Flink/Spark by options):
 4. embed selected examples' query features with the query tower, search the index for the top
    `window_end`, sample `per_query` documents from ranks `window_start..window_end`;
 5. write `train/examples-*` (all examples, the selected ones with `negative_doc_ids` appended to
-   any already there), copy the other parts of the examples directory, and `mining.json` with
-   the configuration and counts. Output is written to a temp directory and renamed into place.
+   any already there) straight into a new version `OUT/VERSION` (Beam's sinks), copy the other
+   parts of the examples version into it (`ebr.storage`), write `mining.json` with the
+   configuration and counts, then commit (`beam_pipelines.outputs`: marker last, the newest 2
+   versions kept). Every path (examples, model, index, output) takes any URI; inputs are
+   resolved to committed versions with `ebr.artifacts`.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
-import os
-import shutil
 import time
-from pathlib import Path
 
 import apache_beam as beam
+import numpy as np
 
+from beam_pipelines import outputs
 from beam_pipelines.options import make_pipeline
-from beam_pipelines.outputs import check_replaceable, publish, remove, temp_dir_for, write_json
-from ebr import features
+from ebr import artifacts, features, storage
 from experiments import mining
 
 log = logging.getLogger(__name__)
 
 TRAIN_GLOB = "train/examples-*.tfrecord.gz"
-# Parts of the examples directory carried over unchanged so the output is a complete data dir.
+# Parts of the examples version carried over unchanged so the output is a complete data dir.
 CARRIED = ("eval", "impressions", "corpus", "split.json", "schema.json", "stats.json")
 CARRIED_GLOBS = ("doc_frequencies-*",)
-# An output holding one of these may be replaced by a rerun (outputs.check_replaceable).
-MARKERS = ("mining.json", "ablation.json")
+SUMMARY = "mining.json"
 
 
 @dataclasses.dataclass
 class MineConfig:
-    examples: str = ""  # OUT of `ebr pipeline examples`
-    model: str = ""  # MODEL_DIR/query_tower or MODEL_DIR/query_tower/VERSION
+    examples: str = ""  # examples artifact EX or EX/VERSION (any URI)
+    model: str = ""  # MODEL_DIR/query_tower or MODEL_DIR/query_tower/VERSION (any URI)
     index: str = ""  # INDEX_BASE or INDEX_BASE/VERSION
-    output: str = ""
+    output: str = ""  # examples artifact base: each run commits a new version
     mining: mining.MiningConfig = dataclasses.field(default_factory=mining.MiningConfig)
     batch_size: int = 256
     search_params: dict | None = None  # backend search params, e.g. {"nprobe": 64}
@@ -58,44 +59,44 @@ class MineConfig:
     num_shards: int = 0  # 0 = let the runner decide
 
 
-def _split_model_path(path: str) -> tuple[Path, int | None]:
-    p = Path(path)
-    if p.name.isdigit():
-        return p.parent, int(p.name)
-    return p, None
+def resolve_model(path: str) -> tuple[str, dict]:
+    """MODEL_DIR/query_tower[/VERSION] -> (committed version dir, its checked metadata)."""
+    vdir = artifacts.resolve(path, "query tower")
+    return vdir, artifacts.read_model_metadata(vdir, features.schema_hash())
+
+
+def resolve_examples(path: str) -> tuple[str, str]:
+    """EX or EX/VERSION -> (committed version dir, glob of its training examples)."""
+    try:
+        vdir = artifacts.resolve(path, "examples")
+    except (artifacts.ArtifactError, storage.StorageError) as e:
+        raise FileNotFoundError(f"no training examples: {e}") from None
+    train_glob = storage.join(vdir, TRAIN_GLOB)
+    if not storage.glob(train_glob):
+        raise FileNotFoundError(f"no training examples match {train_glob}")
+    return vdir, train_glob
 
 
 def check_compatible(model_path: str, index_path: str, allow_mismatch: bool = False) -> dict:
     """Loads nothing heavy: the model's metadata against the index manifest. Returns a summary."""
     from index import open_index
-    from serving.embedder import model_versions, read_metadata
 
-    base, version = _split_model_path(model_path)
-    if not base.is_dir():
-        raise FileNotFoundError(f"query tower directory {base} does not exist")
-    if version is None:
-        versions = model_versions(base)
-        if not versions:
-            raise FileNotFoundError(f"no complete model version under {base}")
-        version = versions[-1]
-    meta = read_metadata(base / str(version))
+    vdir, meta = resolve_model(model_path)
+    version = int(meta["version"])
     manifest = open_index(index_path).manifest
-    problems = []
-    if int(manifest["dimension"]) != int(meta["dimension"]):
-        problems.append(f"dimension {meta['dimension']} (model) != {manifest['dimension']} (index)")
-    if manifest.get("schema_hash") and manifest["schema_hash"] != meta["schema_hash"]:
-        problems.append(f"schema_hash {meta['schema_hash']} (model) != {manifest['schema_hash']} (index)")
-    if problems:
-        raise ValueError(f"query tower {base}/{version} does not match index {index_path}: "
-                         + "; ".join(problems))
-    index_version = manifest.get("model_version")
-    if index_version not in (None, "", version) and str(index_version) != str(version):
-        msg = (f"index {index_path} was built from model version {index_version}, query tower "
-               f"is version {version}")
-        if not allow_mismatch:
-            raise ValueError(msg + " (pass --allow-model-mismatch to mine across versions)")
-        log.warning(msg)
-    return {"model": str(base), "model_version": version, "index": str(index_path),
+    where = f"query tower {vdir} / index {index_path}"
+    artifacts.check_compatible(where, manifest, dimension=int(meta["dimension"]),
+                               schema_hash=meta["schema_hash"] if manifest.get("schema_hash")
+                               else None)
+    if manifest.get("model_version") not in (None, ""):
+        try:
+            artifacts.check_compatible(where, manifest, model_version=version)
+        except artifacts.ModelMismatch as e:
+            if not allow_mismatch:
+                raise artifacts.ModelMismatch(
+                    f"{e} (pass --allow-model-mismatch to mine across versions)") from None
+            log.warning("%s", e)
+    return {"model": vdir, "model_version": version, "index": str(index_path),
             "index_manifest": {k: manifest[k] for k in ("backend", "params", "dimension", "count",
                                                          "model_version") if k in manifest}}
 
@@ -146,25 +147,34 @@ def _exclusions(kv):
 class MineDoFn(beam.DoFn):
     """Embeds a batch of (example, exclusion) pairs, searches, samples the window."""
 
-    def __init__(self, cfg: MineConfig):
+    def __init__(self, cfg: MineConfig, model_dir: str):
         super().__init__()
         self.cfg = cfg
-        self.encoder = None
+        self.model_dir = model_dir  # the committed version the driver checked
+        self.signature = None
         self.searcher = None
 
     def setup(self):
-        from index import open_index
-        from serving.embedder import LocalModelSource
+        import tensorflow as tf
 
-        base, version = _split_model_path(self.cfg.model)
-        self.encoder = LocalModelSource(base).open(version)
+        from index import open_index
+
+        self._tf = tf
+        self._loaded = tf.saved_model.load(self.model_dir)  # keeps the variables alive
+        self.signature = self._loaded.signatures["serving_default"]
         self.searcher = open_index(self.cfg.index)
 
-    def process(self, batch):
+    def embed(self, rows: list[dict]) -> np.ndarray:
         from serving.embedder import build_inputs
 
+        tf = self._tf
+        out = self.signature(**{n: tf.constant(v, dtype=tf.string)
+                                for n, v in build_inputs(rows).items()})
+        return np.asarray(out["embedding"].numpy(), dtype=np.float32)
+
+    def process(self, batch):
         batch = list(batch)
-        embeddings = self.encoder.embed(build_inputs([query_row(ex) for ex, _ in batch]))
+        embeddings = self.embed([query_row(ex) for ex, _ in batch])
         k = min(self.cfg.mining.fetch_k, int(self.searcher.manifest["count"]))
         result = self.searcher.search(embeddings, k, params=self.cfg.search_params)
         keys = [example_key(ex) for ex, _ in batch]
@@ -181,65 +191,46 @@ class MineDoFn(beam.DoFn):
             yield with_negatives(ex, negs)
 
 
-def copy_path(src: str, dst: str) -> None:
-    """Copies a file or directory tree through Beam's file systems (local or gs:// ...)."""
-    from apache_beam.io.filesystems import FileSystems
-
-    from beam_pipelines.outputs import _is_local, list_files
-
-    if _is_local(src) and _is_local(dst):
-        if os.path.isdir(src):
-            shutil.copytree(src, dst)
-        elif os.path.exists(src):
-            os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-            shutil.copy2(src, dst)
-        return
-    files = list_files(src)  # everything below src when it is a "directory"
-    if files:
-        FileSystems.copy(files, [dst.rstrip("/") + f[len(src.rstrip("/")):] for f in files])
-    elif FileSystems.exists(src):
-        FileSystems.copy([src], [dst])
-
-
-def carry_parts(examples: str, dest: str, skip: tuple[str, ...] = ()) -> None:
-    """Copies the examples directory's parts other than `train/` (eval, corpus, ...) to `dest`."""
-    from apache_beam.io.filesystems import FileSystems
-
+def carry_parts(examples: str, dest: str, skip: tuple[str, ...] = ()) -> list[str]:
+    """Copies the parts of an examples version other than `train/` (eval, corpus, split.json,
+    ...) into the version directory `dest` being written (any URIs, through `ebr.storage`).
+    `examples` is the artifact EX or EX/VERSION; returns the copied relative paths."""
+    src = artifacts.resolve(examples, "examples")
+    copied = []
     for name in CARRIED:
-        if name not in skip:
-            copy_path(os.path.join(examples, name), os.path.join(dest, name))
+        if name in skip:
+            continue
+        path = storage.join(src, name)
+        rels = [storage.join(name, r) for r in storage.walk_files(path)] if storage.isdir(path) \
+            else ([name] if storage.exists(path) else [])
+        copied += rels
     for pattern in CARRIED_GLOBS:
-        for m in FileSystems.match([os.path.join(examples, pattern)])[0].metadata_list:
-            copy_path(m.path, os.path.join(dest, os.path.basename(m.path)))
+        copied += [storage.basename(m) for m in storage.glob(storage.join(src, pattern))]
+    for rel in copied:
+        storage.copy_file(storage.join(src, rel), storage.join(dest, rel))
+    return copied
 
 
 def run(cfg: MineConfig, beam_args: list[str] | None = None) -> dict:
-    """Runs the pipeline; returns the `mining.json` summary."""
-    from apache_beam.io.filesystems import FileSystems
-
+    """Runs the pipeline and commits a new version of OUT; returns the `mining.json` summary."""
     for field in ("examples", "model", "index", "output"):
         if not getattr(cfg, field):
             raise ValueError(f"mine-negatives: --{field} is required")
     if cfg.batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {cfg.batch_size}")
-    train_glob = os.path.join(cfg.examples, TRAIN_GLOB)
-    matches = FileSystems.match([train_glob])[0].metadata_list
-    if not matches:
-        raise FileNotFoundError(f"no training examples match {train_glob}")
+    examples, train_glob = resolve_examples(cfg.examples)
     summary = check_compatible(cfg.model, cfg.index, cfg.allow_model_mismatch)
     fraction = mining.hard_fraction(cfg.mining.ratio)
 
-    check_replaceable(cfg.output, MARKERS)
-    tmp = temp_dir_for(cfg.output)
     started = time.time()
-    try:
+    with outputs.NewVersion(cfg.output, "examples") as out:
         mcfg = cfg.mining
         p = make_pipeline(beam_args)
         records = p | "ReadTrain" >> beam.io.ReadFromTFRecord(train_glob)
         parsed, dead = (records | "Parse" >> beam.Map(_parse, train_glob)
                         .with_exception_handling(use_subprocess=False))
         _ = (dead | "DeadJson" >> beam.Map(_dead_letter, train_glob)
-             | "WriteDead" >> beam.io.WriteToText(os.path.join(tmp, "dead_letter", "dead"),
+             | "WriteDead" >> beam.io.WriteToText(out.path("dead_letter", "dead"),
                                                   file_name_suffix=".jsonl"))
         with_exc = (parsed
                     | "BySearcher" >> beam.Map(lambda ex: (_first(ex.get("searcher_id")), ex))
@@ -250,29 +241,27 @@ def run(cfg: MineConfig, beam_args: list[str] | None = None) -> dict:
                 example_key(pair[0]), mcfg.ratio, mcfg.seed) else 1, 2))
         mined = (selected
                  | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=cfg.batch_size)
-                 | "Mine" >> beam.ParDo(MineDoFn(cfg)))
+                 | "Mine" >> beam.ParDo(MineDoFn(cfg, summary["model"])))
         kept = passed | "Unchanged" >> beam.Map(_unchanged)
         _ = ((mined, kept) | beam.Flatten()
              | "WriteTrain" >> beam.io.WriteToTFRecord(
-                 os.path.join(tmp, "train", "examples"), file_name_suffix=".tfrecord.gz",
+                 out.path("train", "examples"), file_name_suffix=".tfrecord.gz",
                  num_shards=cfg.num_shards,
                  compression_type=beam.io.filesystem.CompressionTypes.GZIP))
         state = p.run()
         state.wait_until_finish()
         result = _counters(state)
-        carry_parts(cfg.examples, tmp)
+        carry_parts(examples, out.dir)
         summary.update({
-            "examples": cfg.examples, "config": dataclasses.asdict(cfg.mining),
+            "examples": examples, "config": dataclasses.asdict(cfg.mining),
             "hard_fraction": fraction,
             "ratio_definition": "easy:hard = share of training examples carrying mined "
                                 "negatives: H/(E+H); all examples keep easy negatives",
             "counts": result, "seconds": round(time.time() - started, 2)})
-        write_json(os.path.join(tmp, "mining.json"), summary)
-        publish(tmp, cfg.output, last="mining.json")
-    except BaseException:
-        remove(tmp)
-        raise
-    log.info("mined hard negatives: %s", summary["counts"])
+        out.commit({SUMMARY: summary},
+                   info={"schema_hash": features.schema_hash(), "mined_from": examples})
+    summary["output"] = out.dir
+    log.info("mined hard negatives: %s -> %s", summary["counts"], out.dir)
     return summary
 
 

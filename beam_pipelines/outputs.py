@@ -1,126 +1,90 @@
-"""Publishing a pipeline's output directory whole, through Beam's file systems.
+"""Publishing a pipeline's output as a new committed version of an artifact (any URI).
 
-Place in the data flow: every pipeline writes into `OUT.tmp-<uuid>` (a sibling of OUT) and
-calls `publish(tmp, OUT)` once the run succeeded, so a rerun never leaves a mix of old and new
-files and a failed run leaves OUT as it was.
+Place in the data flow: every pipeline (`examples`, `embed`, `mine_negatives`) writes its
+output as `OUT/VERSION/...` + `OUT/VERSION/_COMMITTED` (docs/contracts.md, "Commit protocol";
+`ebr.artifacts`). Object stores have no rename, so nothing is moved: the Beam sinks write
+their shards straight into the version directory that `artifacts.begin_version` returns, the
+driver writes the small json files, then the commit marker LAST, then prunes versions older
+than the newest `KEEP` committed ones (a reader mid-read of the previous version still has its
+files). A failed run never touches the committed versions:
 
-  local paths:  OUT is renamed aside, the temp directory renamed into place (atomic renames),
-                then the old copy is removed.
-  gs:// etc.:   object stores have no directory rename: the old objects under OUT/ are deleted
-                first, then the new ones are moved (copy + delete) into OUT/, `stats.json` /
-                `embeddings.json` last, so a reader that waits for that file never sees a
-                partial or mixed output.
+  Python exception   the uncommitted version directory is removed here;
+  kill (SIGKILL)     it stays, readers ignore it (no marker), and the next writer's
+                     `begin_version` removes it.
+
+    with outputs.NewVersion(OUT, "examples") as out:
+        ...Beam sinks write below out.dir...
+        out.commit({"stats.json": stats}, info={"kind": "examples"})
+
+Driver-side file I/O goes through `ebr.storage` (tf.io.gfile); Beam's FileSystems is only
+needed inside the sinks.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
-import uuid
+
+from ebr import artifacts, storage
 
 log = logging.getLogger(__name__)
 
-
-def _is_local(path: str) -> bool:
-    from apache_beam.io.filesystems import FileSystems
-
-    return FileSystems.get_scheme(path) in (None, "file")
+KEEP = 2  # committed versions kept per output (docs/contracts.md, "Commit protocol")
 
 
-def temp_dir_for(out: str) -> str:
-    """A fresh sibling of `out` to write into."""
-    from apache_beam.io.filesystems import FileSystems
-
-    out = out.rstrip("/")
-    if _is_local(out):
-        out = os.path.abspath(out)
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = f"{out}.tmp-{uuid.uuid4().hex[:12]}"
-    FileSystems.mkdirs(tmp)
-    return tmp
-
-
-def write_json(path: str, obj) -> None:
-    from apache_beam.io.filesystems import FileSystems
-
-    with FileSystems.create(path) as f:
-        f.write(json.dumps(obj, indent=2, sort_keys=True, default=str).encode("utf-8"))
-
-
-def read_json(path: str):
-    from apache_beam.io.filesystems import FileSystems
-
-    with FileSystems.open(path) as f:
-        return json.loads(f.read().decode("utf-8"))
-
-
-def list_files(prefix: str) -> list[str]:
-    """Every file below a directory prefix (recursive)."""
-    from apache_beam.io.filesystems import FileSystems
-
-    prefix = prefix.rstrip("/") + "/"
-    if _is_local(prefix):
-        out = []
-        for root, _, files in os.walk(prefix):
-            out += [os.path.join(root, f) for f in files]
-        return sorted(out)
-    return sorted(m.path for m in FileSystems.match([prefix + "**"])[0].metadata_list)
-
-
-def remove(path: str) -> None:
-    from apache_beam.io.filesystems import FileSystems
-
-    if _is_local(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        files = list_files(path)
-        if files:
-            FileSystems.delete(files)
-
-
-def check_replaceable(out: str, markers: tuple[str, ...]) -> None:
-    """Refuses to later replace an unrelated non-empty directory: `out` must be absent, empty,
-    or an earlier output of the same pipeline (holding one of `markers`). Called before a run
-    so a wrong --output fails fast instead of deleting someone's files."""
-    from apache_beam.io.filesystems import FileSystems
-
-    out = out.rstrip("/")
-    if _is_local(out):
-        if not os.path.exists(out):
-            return
-        if not os.path.isdir(out):
-            raise ValueError(f"{out}: output exists and is not a directory")
-        if not os.listdir(out) or any(os.path.exists(os.path.join(out, m)) for m in markers):
-            return
-    else:
-        if not list_files(out) or any(FileSystems.exists(f"{out}/{m}") for m in markers):
-            return
-    raise ValueError(f"{out}: is a non-empty directory that is not an earlier output of this "
-                     f"pipeline (none of {list(markers)}); refusing to replace it")
-
-
-def publish(tmp: str, out: str, last: str | None = None) -> None:
-    """Moves the finished `tmp` directory to `out`, replacing any earlier output whole."""
-    from apache_beam.io.filesystems import FileSystems
-
-    out = out.rstrip("/")
-    if _is_local(out):
-        out = os.path.abspath(out)
-        old = None
-        if os.path.exists(out):
-            old = f"{out}.old-{uuid.uuid4().hex[:12]}"
-            os.rename(out, old)
-        os.rename(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+def check_writable(out: str, what: str) -> None:
+    """Refuses to write versions into an unrelated non-empty directory: `out` must be absent,
+    empty, or an artifact base (holding numeric version directories). Called before a run so
+    a wrong --output fails fast instead of mixing our versions into someone's files."""
+    out = storage.normalize(out)
+    if not storage.exists(out):
         return
-    remove(out)
-    files = list_files(tmp)
-    ordered = [f for f in files if not (last and f.endswith("/" + last))]
-    ordered += [f for f in files if last and f.endswith("/" + last)]
-    dests = [out + f[len(tmp.rstrip("/")):] for f in ordered]
-    for src, dst in zip(ordered, dests):
-        FileSystems.rename([src], [dst])
-    remove(tmp)
-    log.info("published %d files to %s", len(dests), out)
+    if not storage.isdir(out):
+        raise ValueError(f"check output {out}: exists and is not a directory")
+    names = storage.listdir(out)
+    if not names or any(artifacts.is_version(n) for n in names):
+        return
+    raise ValueError(f"check output {out}: is a non-empty directory that is not a {what} "
+                     f"artifact (no numeric version directories, found {names[:5]}); refusing "
+                     "to write into it (choose an empty or new --output)")
+
+
+class NewVersion:
+    """The next version of the artifact at `base`, written in place and committed last."""
+
+    def __init__(self, base: str, what: str, keep: int | None = KEEP):
+        self.base = storage.normalize(base)
+        self.what = what
+        self.keep = keep
+        self.dir: str | None = None
+        self.marker: dict | None = None
+
+    def __enter__(self) -> "NewVersion":
+        check_writable(self.base, self.what)
+        self.dir = artifacts.begin_version(self.base)
+        # The directory exists from here on (on object stores: a placeholder object), so a
+        # reader or a test sees the publish in progress.
+        storage.makedirs(self.dir)
+        log.info("writing %s version %s", self.what, self.dir)
+        return self
+
+    def path(self, *parts: str) -> str:
+        return storage.join(self.dir, *parts)
+
+    def commit(self, json_files: dict | None = None, info: dict | None = None) -> dict:
+        """Writes `json_files` ({relative name: object}), then the commit marker, then prunes."""
+        for name, obj in (json_files or {}).items():
+            storage.write_json(self.path(name), obj)
+        self.marker = artifacts.commit(self.dir, {"kind": self.what, **(info or {})})
+        pruned = artifacts.prune(self.base, self.keep)
+        if pruned:
+            log.info("%s: pruned old %s version(s) %s (keeping %s)", self.base, self.what,
+                     pruned, self.keep)
+        log.info("committed %s", self.dir)
+        return self.marker
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None or self.dir is None or self.marker is not None:
+            return
+        try:
+            storage.remove(self.dir)
+        except storage.StorageError as e:  # the next begin_version removes it
+            log.warning("could not remove the failed version %s: %s", self.dir, e)

@@ -100,7 +100,7 @@ def _op(op: str, path: str) -> Iterator[None]:
         yield
     except StorageError:
         raise
-    except (tf.errors.OpError, OSError) as e:
+    except (tf.errors.OpError, OSError, UnicodeDecodeError) as e:  # a name that is not UTF-8
         raise _error(op, path, e) from None
 
 

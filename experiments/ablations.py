@@ -1,7 +1,8 @@
 """The paper's training-data ablations as training sets (paper section 2.4).
 
-Place in the data flow: OUT of `ebr pipeline examples` (docs/contracts.md 2) -> a data
-directory of the same layout whose `train/` is rewritten; the trainer reads it unchanged.
+Place in the data flow: the examples artifact of `ebr pipeline examples` (`EX` or
+`EX/VERSION`, docs/contracts.md 2) -> a new examples artifact of the same layout
+(`OUT/VERSION/...` + `_COMMITTED`) whose `train/` is rewritten; the trainer reads it unchanged.
 
 * `impression_negatives`: every training example carries its session's non-clicked impressions
   as `negative_doc_ids` (the paper's "non-click impressions as negatives"; it found -55% recall
@@ -9,30 +10,36 @@ directory of the same layout whose `train/` is rewritten; the trainer reads it u
   representative of the whole corpus an embedding model must rank).
 * `impression_positives`: the non-clicked impressions become positives too (the paper's
   "click + impression positives"; it found no gain over clicks alone).
+* `hard_positive_examples`: the click examples plus hard positives from failed sessions (paper
+  6.1.2, `experiments.hard_positives`), read from the raw logs beside the examples.
 
-Both are Beam pipelines on the local runner by default (any runner by options), writing to a
-temp directory renamed into place, with the other parts of the examples directory copied.
+All three are Beam pipelines on the local runner by default (any runner by options). Every
+path is a URI (local or gs://). Object stores have no rename, so nothing is moved
+(docs/contracts.md, "Commit protocol"; `ebr.artifacts`): Beam's sink writes `train/` straight
+into `artifacts.begin_version(OUT)`, the other parts of the examples version are copied beside
+it (`ebr.storage`), then `ablation.json`, then the commit marker last. A failed run removes
+its uncommitted version; a killed one leaves it for the next writer to remove.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 
-from ebr import features
+from ebr import artifacts, features, storage
 from experiments import mining
 
 log = logging.getLogger(__name__)
 
 TRAIN_GLOB = "train/examples-*.tfrecord.gz"
 IMPRESSIONS_GLOB = "impressions/train/examples-*.tfrecord.gz"
+SUMMARY = "ablation.json"
+KEEP = 2  # committed versions kept per output, as the pipelines do (docs/contracts.md 2)
 
 
 def _read(p, pattern: str, label: str):
     import apache_beam as beam
-    from apache_beam.io.filesystems import FileSystems
 
-    if not FileSystems.match([pattern])[0].metadata_list:
+    if not storage.glob(pattern):
         raise FileNotFoundError(f"no TFRecords match {pattern}")
     return (p | f"Read{label}" >> beam.io.ReadFromTFRecord(pattern)
             | f"Parse{label}" >> beam.Map(features.parse_example))
@@ -64,40 +71,83 @@ def _attach_impressions(kv, max_per_example: int, seed: int):
         yield features.make_example(out)
 
 
-def _rewrite(examples: str, output: str, build, beam_args, what: str) -> dict:
+def resolve_examples(examples: str) -> str:
+    """`EX` (newest committed version) or `EX/VERSION` -> the examples version directory."""
+    try:
+        return artifacts.resolve(examples, "examples")
+    except (artifacts.ArtifactError, storage.StorageError) as e:
+        raise FileNotFoundError(f"no examples: {e}") from None
+
+
+def begin_examples_version(output: str) -> str:
+    """`artifacts.begin_version(output)` for a derived examples artifact; `output` must be absent,
+    empty or an artifact base (numeric version directories), never someone's other files."""
+    output = storage.normalize(output)
+    names = storage.listdir(output)
+    if names and not any(artifacts.is_version(n) for n in names):
+        raise ValueError(f"check output {output}: is a non-empty directory that is not an "
+                         f"examples artifact (found {names[:5]}); choose an empty or new output")
+    vdir = artifacts.begin_version(output)
+    storage.makedirs(vdir)
+    return vdir
+
+
+def commit_examples_version(vdir: str, json_files: dict, info: dict) -> dict:
+    """Writes `json_files` ({name: object}) into `vdir`, then the commit marker (last), then
+    prunes versions older than the newest `KEEP` committed ones."""
+    for name, obj in json_files.items():
+        storage.write_json(storage.join(vdir, name), obj)
+    marker = artifacts.commit(vdir, {"kind": "examples", "schema_hash": features.schema_hash(),
+                                     **info})
+    artifacts.prune(storage.parent(vdir), KEEP)
+    return marker
+
+
+def discard_version(vdir: str) -> None:
+    """Removes a version whose writing failed (before its commit)."""
+    try:
+        storage.remove(vdir)
+    except storage.StorageError as e:  # the next begin_version removes it
+        log.warning("could not remove the failed version %s: %s", vdir, e)
+
+
+def _rewrite(examples: str, output: str, build, beam_args, what: str,
+             extra: dict | None = None) -> dict:
+    """Runs `build(pipeline)` (-> serialised training examples) and commits them as `train/` of
+    a new version of `output`, with the other parts of the `examples` version beside them."""
     from apache_beam.metrics.metric import MetricsFilter
 
     import apache_beam as beam
-    from beam_pipelines.mine_negatives import MARKERS, carry_parts
+    from beam_pipelines.mine_negatives import carry_parts
     from beam_pipelines.options import make_pipeline
-    from beam_pipelines.outputs import check_replaceable, publish, remove, temp_dir_for, write_json
 
-    check_replaceable(output, MARKERS)
-    tmp = temp_dir_for(output)
+    vdir = begin_examples_version(output)
     try:
         p = make_pipeline(beam_args)
         records = build(p)
         _ = records | "WriteTrain" >> beam.io.WriteToTFRecord(
-            os.path.join(tmp, "train", "examples"), file_name_suffix=".tfrecord.gz",
+            storage.join(vdir, "train", "examples"), file_name_suffix=".tfrecord.gz",
             compression_type=beam.io.filesystem.CompressionTypes.GZIP)
         state = p.run()
         state.wait_until_finish()
         counts = {c.key.metric.name: int(c.committed or c.attempted or 0) for c in
                   state.metrics().query(MetricsFilter().with_namespace("ablation"))["counters"]}
-        carry_parts(examples, tmp)
-        summary = {"ablation": what, "examples": examples, "counts": counts}
-        write_json(os.path.join(tmp, "ablation.json"), summary)
-        publish(tmp, output, last="ablation.json")
+        carry_parts(examples, vdir)
+        summary = {"ablation": what, "examples": examples, **(extra or {}), "counts": counts}
+        commit_examples_version(vdir, {SUMMARY: summary}, {"ablation": what, "derived_from": examples})
     except BaseException:
-        remove(tmp)
+        discard_version(vdir)
         raise
-    log.info("%s: %s", what, counts)
+    summary["output"] = vdir
+    log.info("%s: %s -> %s", what, counts, vdir)
     return summary
 
 
 def impression_negatives(examples: str, output: str, max_per_example: int = 0, seed: int = 0,
                          beam_args: list[str] | None = None) -> dict:
-    """Training set whose examples carry their session's non-clicked impressions as negatives.
+    """Training set whose examples carry their session's non-clicked impressions as negatives,
+    committed as a new version of `output`; returns the `ablation.json` summary plus `output`
+    (the committed version directory).
 
     `max_per_example` = 0 means the schema's limit (`negative_doc_ids.max_values`)."""
     import apache_beam as beam
@@ -105,9 +155,11 @@ def impression_negatives(examples: str, output: str, max_per_example: int = 0, s
     limit = features.BY_NAME["negative_doc_ids"].max_values
     n = limit if max_per_example <= 0 else min(max_per_example, limit)
 
+    examples = resolve_examples(examples)
+
     def build(p):
-        train = _read(p, os.path.join(examples, TRAIN_GLOB), "Train")
-        impr = _read(p, os.path.join(examples, IMPRESSIONS_GLOB), "Impressions")
+        train = _read(p, storage.join(examples, TRAIN_GLOB), "Train")
+        impr = _read(p, storage.join(examples, IMPRESSIONS_GLOB), "Impressions")
         return ({"train": train | "KeyTrain" >> beam.Map(lambda ex: (_session(ex), ex)),
                  "impr": impr | "KeyImpr" >> beam.Map(lambda ex: (_session(ex), ex))}
                 | beam.CoGroupByKey()
@@ -118,7 +170,8 @@ def impression_negatives(examples: str, output: str, max_per_example: int = 0, s
 
 def impression_positives(examples: str, output: str,
                          beam_args: list[str] | None = None) -> dict:
-    """Training set of the click examples plus the non-clicked impressions as positives."""
+    """Training set of the click examples plus the non-clicked impressions as positives (a new
+    version of `output`, as `impression_negatives`)."""
     import apache_beam as beam
 
     def count(name):
@@ -127,9 +180,11 @@ def impression_positives(examples: str, output: str,
             return features.make_example(_clean(ex))
         return fn
 
+    examples = resolve_examples(examples)
+
     def build(p):
-        train = _read(p, os.path.join(examples, TRAIN_GLOB), "Train")
-        impr = _read(p, os.path.join(examples, IMPRESSIONS_GLOB), "Impressions")
+        train = _read(p, storage.join(examples, TRAIN_GLOB), "Train")
+        impr = _read(p, storage.join(examples, IMPRESSIONS_GLOB), "Impressions")
         return ((train | "Clicks" >> beam.Map(count("click_positives")),
                  impr | "Impr" >> beam.Map(count("impression_positives"))) | beam.Flatten())
 
@@ -186,15 +241,18 @@ def hard_positive_examples(raw: str, examples: str, output: str,
                            beam_args: list[str] | None = None) -> dict:
     """Training set of the click examples plus hard positives (paper 6.1.2): for every failed
     search followed within `window_seconds` by a clicking reformulation whose example is in the
-    training split, a copy of that example with the failed query."""
+    training split, a copy of that example with the failed query. `raw` is the plain directory of
+    canonical logs the examples were made from (any URI); the result is a new version of
+    `output`, as `impression_negatives`."""
     import apache_beam as beam
 
     from experiments.hard_positives import DEFAULT_WINDOW_SECONDS, ExtractHardPositives
 
     window = DEFAULT_WINDOW_SECONDS if window_seconds is None else window_seconds
+    examples = resolve_examples(examples)
 
     def build(p):
-        train = _read(p, os.path.join(examples, TRAIN_GLOB), "Train")
+        train = _read(p, storage.join(examples, TRAIN_GLOB), "Train")
         hps = _read_sessions(p, raw) | "HardPositives" >> ExtractHardPositives(window)
         keyed_hp = hps | "KeyHP" >> beam.FlatMap(
             lambda hp: [((hp.later_session_id, d), hp) for d in hp.doc_ids])
@@ -205,6 +263,5 @@ def hard_positive_examples(raw: str, examples: str, output: str,
         originals = train | "Originals" >> beam.Map(lambda ex: features.make_example(_clean(ex)))
         return (originals, copies) | "All" >> beam.Flatten()
 
-    summary = _rewrite(examples, output, build, beam_args, "hard_positives")
-    summary["window_seconds"] = window
-    return summary
+    return _rewrite(examples, output, build, beam_args, "hard_positives",
+                    {"raw": raw, "window_seconds": window})

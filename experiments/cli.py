@@ -1,5 +1,7 @@
-"""CLI of issue 7: `ebr mine-negatives` and `ebr experiment paper-tables`.
+"""CLI of the paper's techniques: `ebr mine-negatives` and `ebr experiment paper-tables`.
 
+Every path option takes any URI (local paths or gs://...); artifacts are read and written by
+the stages' own functions through `ebr.storage` / `ebr.artifacts` (docs/contracts.md).
 Heavy imports (TensorFlow, Beam, FAISS) happen inside the handlers so `ebr --help` stays fast.
 """
 from __future__ import annotations
@@ -15,10 +17,15 @@ def register(subparsers) -> None:
                     "documents at ranks inside a window as negatives for a share of the examples "
                     "(easy:hard ratio = share of examples carrying hard negatives, H/(E+H)). "
                     "Beam options follow `--` (e.g. -- --runner=DataflowRunner --project=P ...).")
-    mine.add_argument("--examples", required=True, help="OUT of `ebr pipeline examples`")
-    mine.add_argument("--model", required=True, help="MODEL_DIR/query_tower[/VERSION]")
-    mine.add_argument("--index", required=True, help="INDEX_BASE[/VERSION] of the same model")
-    mine.add_argument("--output", required=True, help="new examples directory (same layout)")
+    mine.add_argument("--examples", required=True,
+                      help="examples artifact of `ebr pipeline examples`: EX (newest committed "
+                           "version) or EX/VERSION, any URI")
+    mine.add_argument("--model", required=True, help="MODEL_DIR/query_tower[/VERSION], any URI")
+    mine.add_argument("--index", required=True,
+                      help="INDEX_BASE[/VERSION] of the same model, any URI")
+    mine.add_argument("--output", required=True,
+                      help="examples artifact base, any URI: each run commits a new version "
+                           "OUT/VERSION of the same layout")
     mine.add_argument("--window", default="101-500", help="1-based inclusive rank window (default 101-500)")
     mine.add_argument("--per-query", type=int, default=1, help="hard negatives per selected example")
     mine.add_argument("--ratio", default="100:1", help="easy:hard share of examples (default 100:1)")
@@ -31,18 +38,24 @@ def register(subparsers) -> None:
                       help="Beam pipeline options after `--`, e.g. -- --runner=DataflowRunner")
     mine.set_defaults(func=_mine)
 
-    exp = subparsers.add_parser("experiment", help="the paper's experiments (issue 7)")
+    exp = subparsers.add_parser("experiment", help="the paper's experiments")
     exp_sub = exp.add_subparsers(dest="experiment", required=True)
     tables = exp_sub.add_parser(
         "paper-tables", help="reproduce the paper's findings on `ebr data social` logs",
-        description="Runs the 8 experiments of issue 7 over several seeds and writes a Markdown "
+        description="Runs the paper's 8 training-data and serving experiments over several seeds and writes a Markdown "
                     "report with tables (mean and std) and PNG plots.")
     tables.add_argument("--quick", action="store_true",
                         help="small data: 3 seeds in under 10 minutes on 2 cores")
     tables.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3)")
     tables.add_argument("--jobs", type=int, default=None,
                         help="seeds run side by side in processes (default: seeds, at most CPUs + 1)")
-    tables.add_argument("--out", default="paper_tables", help="output directory")
+    tables.add_argument("--out", default="paper_tables",
+                        help="where report.md, results.json and the PNG plots go, any URI "
+                             "(local or gs://...)")
+    tables.add_argument("--work", default=None,
+                        help="scratch directory for every seed's raw logs, examples, models and "
+                             "indexes, any URI (default: OUT/work when OUT is local; a local "
+                             "temp directory, removed at the end, when OUT is remote)")
     tables.add_argument("--only", default="", help="comma-separated experiment numbers (1-8) or row names")
     tables.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field of experiments.paper_tables.HarnessConfig")
@@ -71,6 +84,6 @@ def _paper_tables(args: argparse.Namespace) -> int:
 
     report = paper_tables.main(quick=args.quick, seeds=args.seeds, out=args.out,
                                only=[s for s in args.only.split(",") if s], overrides=args.set,
-                               jobs=args.jobs)
+                               jobs=args.jobs, work=args.work)
     print(f"report: {report}")
     return 0

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
+import os
 from typing import Callable, Sequence
 
 import numpy as np
@@ -135,48 +135,40 @@ class Cascade:
 # ---------------------------------------------------------------------------------------------
 # Weighted concatenation as a pair of ordinary towers (servable and indexable unchanged)
 
-METADATA_FILE = "ebr_metadata.json"
+def _version_dir(path: str) -> str:
+    """A member tower `BASE` (newest committed version) or `BASE/VERSION` -> its version dir."""
+    from ebr import artifacts
 
-
-def _version_dir(path: str) -> Path:
-    from serving.embedder import model_versions
-
-    p = Path(path)
-    if p.name.isdigit() and (p / "saved_model.pb").exists():
-        return p
-    versions = model_versions(p)
-    if not versions:
-        raise FileNotFoundError(f"no complete model version under {p}")
-    return p / str(versions[-1])
+    return artifacts.resolve(os.fspath(path), "tower")
 
 
 def export_weighted_concat(members: Sequence[str], alphas: Sequence[float], output_base: str,
-                           version: int = 1, model_name: str = "") -> Path:
-    """Writes one tower (`output_base/VERSION/`) computing the weighted concatenation of the
-    member towers' embeddings (all query towers or all doc towers of models sharing the schema).
+                           version: int = 1, model_name: str = "") -> str:
+    """Publishes one tower (`output_base/VERSION/`, any URI) computing the weighted
+    concatenation of the member towers' embeddings (all query towers or all doc towers of
+    models sharing the schema); returns the version directory.
 
     Output `embedding` = l2norm(concat_i alpha_i * l2norm(e_i)): unit-norm as the contract asks;
-    use alphas = 1 for the document side. Written to a temp dir and renamed into place."""
+    use alphas = 1 for the document side. Saved to a local staging dir, then published with
+    `ebr.artifacts.publish_dir` (saved_model.pb and the commit marker last)."""
     import json
-    import shutil
+    import tempfile
     import time
-    import uuid
-    from pathlib import Path
 
     import tensorflow as tf
 
-    from serving.embedder import read_metadata
+    from ebr import artifacts, storage
 
     if len(members) != len(alphas):
         raise ValueError(f"{len(alphas)} weights for {len(members)} member towers")
     _check_parts([np.zeros((1, 1))] * len(members), alphas)
     dirs = [_version_dir(m) for m in members]
-    metas = [read_metadata(d) for d in dirs]
+    metas = [artifacts.read_model_metadata(d) for d in dirs]
     hashes = {m["schema_hash"] for m in metas}
     if len(hashes) != 1:
         raise ValueError(f"ensemble members have different schema hashes {sorted(hashes)}: "
                          f"{[str(d) for d in dirs]}")
-    loaded = [tf.saved_model.load(str(d)) for d in dirs]
+    loaded = [tf.saved_model.load(d) for d in dirs]
     fns = [m.signatures["serving_default"] for m in loaded]
     spec = fns[0].structured_input_signature[1]
     for d, fn in zip(dirs[1:], fns[1:]):
@@ -196,26 +188,23 @@ def export_weighted_concat(members: Sequence[str], alphas: Sequence[float], outp
         return {"embedding": tf.math.l2_normalize(tf.concat(parts, axis=-1), axis=-1)}
 
     module.serve = serve
-    base = Path(output_base)
-    base.mkdir(parents=True, exist_ok=True)
-    final = base / str(version)
-    if final.exists():
+    base = storage.normalize(os.fspath(output_base))
+    final = storage.join(base, version)
+    if artifacts.is_committed(final):
         raise FileExistsError(f"{final} exists: pick a new version")
-    tmp = base / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
-    try:
-        tf.saved_model.save(module, str(tmp), signatures={"serving_default": _kwargs_signature(serve, spec)})
+    with tempfile.TemporaryDirectory(prefix="ebr-ensemble-") as staging:
+        tf.saved_model.save(module, staging, signatures={"serving_default": _kwargs_signature(serve, spec)})
         dimension = sum(int(m["dimension"]) for m in metas)
-        (tmp / METADATA_FILE).write_text(json.dumps({
-            "model_name": model_name or base.name, "version": version, "dimension": dimension,
-            "schema_hash": metas[0]["schema_hash"],
-            "config": {"ensemble": "weighted_concat", "members": [str(d) for d in dirs],
-                       "alphas": weights},
-            "metrics": {}, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2))
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+        with open(os.path.join(staging, artifacts.MODEL_METADATA), "w") as f:
+            json.dump({
+                "model_name": model_name or storage.basename(base), "version": version,
+                "dimension": dimension, "schema_hash": metas[0]["schema_hash"],
+                "config": {"ensemble": "weighted_concat", "members": list(dirs), "alphas": weights},
+                "metrics": {}, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                f, indent=2)
+        return artifacts.publish_dir(staging, base, version=version,
+                                     last=(artifacts.MODEL_METADATA, artifacts.SAVED_MODEL),
+                                     info={"model_name": model_name or storage.basename(base)})
 
 
 def _kwargs_signature(serve, spec):
@@ -238,8 +227,10 @@ def _kwargs_signature(serve, spec):
 def _open_encoder(path: str):
     from serving.embedder import LocalModelSource
 
+    from ebr import artifacts, storage
+
     vdir = _version_dir(path)
-    return LocalModelSource(vdir.parent).open(int(vdir.name))
+    return LocalModelSource(storage.parent(vdir)).open(artifacts.version_of(vdir))
 
 
 def serving_cascade(first_model: str, first_index: str, embeddings: str, n: int = 500,

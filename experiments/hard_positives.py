@@ -1,7 +1,10 @@
 """Hard positives from failed sessions (paper section 6.1.2, "hard positive mining").
 
-Place in the data flow: canonical raw sessions (docs/data-format.md) -> this module -> extra
-canonical sessions that `ebr pipeline examples` turns into ordinary training examples.
+Place in the data flow: canonical raw sessions (docs/data-format.md) -> this module -> hard
+positives, either as extra canonical sessions that `ebr pipeline examples` turns into ordinary
+training examples (`as_session`), or joined with the training examples of an examples artifact
+by `experiments.ablations.hard_positive_examples`, which commits the result as a new examples
+artifact (docs/contracts.md 2). No file I/O happens here.
 
 A *failed* search is a session with a non-empty query and no click. If the same searcher,
 within `window_seconds` after it, issues a *reformulated* query (a different normalised text)

@@ -6,7 +6,7 @@ Place in the data flow: the whole stack end to end, per seed: `ebr data social` 
 held-out split -> ensembles (experiments/ensembles.py) and ANN indexes (index/) -> a Markdown
 report with mean and standard deviation over seeds, and PNG plots.
 
-The eight experiments of issue 7 (paper sections in brackets):
+The eight experiments (paper sections in brackets):
   1 unified vs text-only embedding, recall by document type             [2.3]
   2 random vs non-click-impression negatives                          [2.4]
   3 click vs click+impression positives                               [2.4]
@@ -24,20 +24,29 @@ before any run and never adjusted to the outcome.
 
 All models share one base recipe (the paper's: triplet loss on cosine distance with a margin
 and random in-batch negatives, `HarnessConfig`); each row changes one thing.
+
+Storage: every path is a URI (local or gs://). The report, `results.json` and the PNG plots are
+written to OUT through `ebr.storage`. Each seed's artifacts live under WORK/seed{N}/ as the
+stages' own artifacts (docs/contracts.md): raw logs, examples artifacts (the base one and every
+training-set variant: `OUT/VERSION/...` + `_COMMITTED`, read through `ebr.artifacts.resolve`),
+tower pairs and index versions. WORK defaults to OUT/work for a local OUT and to a local temp
+directory (removed at the end) for a remote one.
 """
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import math
 import os
 import shutil
+import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
+from ebr import artifacts, storage
 from experiments import mining
 
 log = logging.getLogger(__name__)
@@ -308,16 +317,16 @@ def models_needed(rows: list[Row], models: dict[str, ModelSpec], cfg: HarnessCon
 
 
 def _rewrite_tfrecords(src_dir: str, dst_dir: str, fn) -> int:
-    import glob
-
+    """Every `*.tfrecord.gz` of `src_dir` through `fn` (parsed example -> example or None) into
+    a file of the same name in `dst_dir` (any URIs: tf.io writes through tf.io.gfile)."""
     import tensorflow as tf
 
     from ebr import features
 
     n = 0
-    for path in sorted(glob.glob(os.path.join(src_dir, "*.tfrecord.gz"))):
-        os.makedirs(dst_dir, exist_ok=True)
-        out = os.path.join(dst_dir, os.path.basename(path))
+    for path in storage.glob(storage.join(src_dir, "*.tfrecord.gz")):
+        storage.makedirs(dst_dir)  # local disk needs the directory; gs:// has none
+        out = storage.join(dst_dir, storage.basename(path))
         with tf.io.TFRecordWriter(out, tf.io.TFRecordOptions(compression_type="GZIP")) as w:
             for rec in tf.data.TFRecordDataset(path, compression_type="GZIP"):
                 ex = fn(features.parse_example(rec.numpy()))
@@ -331,25 +340,34 @@ def restrict_ratio(mined_all: str, output: str, ratio: str, seed: int) -> str:
     """From a run mined with ratio 0:1 (every example carries hard negatives), the same run at
     `ratio`: examples the ratio does not select lose their mined negatives. Exactly what
     `ebr mine-negatives --ratio RATIO` writes (same selection hash, same per-example RNG), at
-    the cost of one mining pass for all ratios."""
-    from beam_pipelines.mine_negatives import carry_parts, example_key
+    the cost of one mining pass for all ratios.
 
-    tmp = output + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    `mined_all` is the examples artifact of that run (`BASE` or `BASE/VERSION`); the result is
+    committed as a new version of the examples artifact `output` (any URI; commit marker
+    last); returns its version directory."""
+    from beam_pipelines.mine_negatives import SUMMARY, carry_parts, example_key
+    from experiments.ablations import (begin_examples_version, commit_examples_version,
+                                       discard_version, resolve_examples)
+
+    src = resolve_examples(mined_all)
 
     def keep(ex):
         if not mining.carries_hard_negatives(example_key(ex), ratio, seed):
             ex = {k: v for k, v in ex.items() if k != "negative_doc_ids"}
         return ex
 
-    _rewrite_tfrecords(os.path.join(mined_all, "train"), os.path.join(tmp, "train"), keep)
-    carry_parts(mined_all, tmp)
-    for extra in ("mining.json",):
-        if os.path.exists(os.path.join(mined_all, extra)):
-            shutil.copy2(os.path.join(mined_all, extra), os.path.join(tmp, extra))
-    shutil.rmtree(output, ignore_errors=True)
-    os.rename(tmp, output)
-    return output
+    vdir = begin_examples_version(output)
+    try:
+        n = _rewrite_tfrecords(storage.join(src, "train"), storage.join(vdir, "train"), keep)
+        carry_parts(src, vdir)
+        if storage.exists(storage.join(src, SUMMARY)):  # the mining run's configuration
+            storage.copy_file(storage.join(src, SUMMARY), storage.join(vdir, SUMMARY))
+        commit_examples_version(vdir, {}, {"derived_from": src, "restricted_to_ratio": ratio,
+                                           "seed": seed, "train_examples": n})
+    except BaseException:
+        discard_version(vdir)
+        raise
+    return vdir
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,19 +405,21 @@ class Embedded:
 
 
 def embed_split(model_dir: str, data_dir: str) -> Embedded:
+    """`model_dir`: MODEL_DIR of a tower pair; `data_dir`: examples artifact (EX or EX/VERSION)."""
     from ebr import features
     from trainer import data
     from trainer.corpus import load_corpus
     from trainer.export import load_tower
 
-    query = load_tower(os.path.join(model_dir, "query_tower"))
-    doc = load_tower(os.path.join(model_dir, "doc_tower"))
-    corpus = load_corpus(os.path.join(data_dir, "corpus", "documents-*.tfrecord.gz"))
+    query = load_tower(storage.join(model_dir, "query_tower"))
+    doc = load_tower(storage.join(model_dir, "doc_tower"))
+    data_dir = artifacts.resolve(data_dir, "examples")
+    corpus = load_corpus(storage.join(data_dir, "corpus", "documents-*.tfrecord.gz"))
     docs = corpus.embed(doc, batch_size=2048)
     doc_ids = [str(d) for d in corpus.doc_ids]
     types = np.array([t.decode() for t in corpus.features["doc_type"].numpy()])
     qs, pos = [], []
-    ds = data.make_dataset(os.path.join(data_dir, "eval", "examples-*.tfrecord.gz"), 1024,
+    ds = data.make_dataset(storage.join(data_dir, "eval", "examples-*.tfrecord.gz"), 1024,
                            shuffle=False, names=features.QUERY_INPUTS + ("doc_id",))
     for batch in ds:
         qs.append(query({n: batch[n] for n in features.QUERY_INPUTS}))
@@ -440,7 +460,10 @@ def _aligned(a: Embedded, b: Embedded) -> None:
         raise ValueError("ensemble members were evaluated on different corpora or splits")
 
 
-def ensemble_metrics(row: Row, emb: dict[str, Embedded], ks, work: str) -> dict:
+def ensemble_metrics(row: Row, emb: dict[str, Embedded], ks, work: str,
+                     indexes: dict[str, str] | None = None) -> dict:
+    """`indexes` caches the cascade's first-stage index versions built under `work` (name ->
+    committed version directory) across the rows of one run."""
     from experiments import ensembles as ens
 
     a, b = (emb[k] for k in row.param("models"))
@@ -453,11 +476,14 @@ def ensemble_metrics(row: Row, emb: dict[str, Embedded], ks, work: str) -> dict:
     from index import build_index, open_index
 
     n = int(row.param("n"))
-    path = os.path.join(work, "index", f"{row.param('models')[0]}-exact")
-    if not os.path.exists(path):
-        build_index((a.doc_ids, a.docs, [[] for _ in a.doc_ids], {"source": row.param("models")[0]}),
-                    path, backend="exact")
-    first = open_index(path)
+    indexes = {} if indexes is None else indexes
+    name = f"{row.param('models')[0]}-exact"
+    if name not in indexes:
+        path = storage.join(work, "index", name)
+        storage.remove(path)  # a previous run's index was built from another model
+        indexes[name] = build_index((a.doc_ids, a.docs, [[] for _ in a.doc_ids],
+                                     {"source": row.param("models")[0]}), path, backend="exact")
+    first = open_index(indexes[name])
     cascade = ens.Cascade(lambda q, k: first.search(q, k).doc_ids,
                           ens.EmbeddingTable(b.doc_ids, b.docs), n=n)
     ids, _ = cascade.search(a.queries, b.queries, k=max(ks))
@@ -506,10 +532,10 @@ def _ann_metrics(rows: list[Row], e: Embedded, cfg: HarnessConfig, work: str, se
         key = (transform, row.param("pq_bytes"))
         if key not in built:
             factory = IVFPQConfig(nlist=nlist, transform=transform, pq_bytes=key[1]).factory_string(d)
-            path = os.path.join(work, "index", f"ann-{transform}-{key[1]}")
-            shutil.rmtree(path, ignore_errors=True)
-            build_index(emb, path, backend_object=IVFPQBackend.build(e.docs, factory, seed=seed))
-            built[key] = (open_index(path), factory)
+            path = storage.join(work, "index", f"ann-{transform}-{key[1]}")
+            storage.remove(path)
+            vdir = build_index(emb, path, backend_object=IVFPQBackend.build(e.docs, factory, seed=seed))
+            built[key] = (open_index(vdir), factory)
         searcher, factory = built[key]
         kmax = max(cfg.ks)
         res = searcher.search(e.queries, kmax, params={"nprobe": int(row.param("nprobe"))})
@@ -528,12 +554,14 @@ def _ann_metrics(rows: list[Row], e: Embedded, cfg: HarnessConfig, work: str, se
 
 
 class SeedRun:
-    """Everything of one seed under `work/seed{N}/`, built on demand and cached for the run."""
+    """Everything of one seed under `work/seed{N}/` (any URI), built on demand and cached for
+    the run. `data` maps a training-set key to its committed examples version directory."""
 
     def __init__(self, cfg: HarnessConfig, models: dict[str, ModelSpec], seed: int, work: str):
         self.cfg, self.models, self.seed = cfg, models, seed
-        self.work = os.path.join(work, f"seed{seed}")
+        self.work = storage.join(work, f"seed{seed}")
         self.data: dict[str, str] = {}
+        self.indexes: dict[str, str] = {}
         self.trained: dict[str, str] = {}
         self.embedded: dict[str, Embedded] = {}
         self.timings: dict[str, float] = {}
@@ -548,7 +576,7 @@ class SeedRun:
         return out
 
     def path(self, *parts) -> str:
-        return os.path.join(self.work, *parts)
+        return storage.join(self.work, *parts)
 
     def raw(self) -> str:
         if "raw" not in self.data:
@@ -573,24 +601,29 @@ class SeedRun:
         if key == "base":
             from beam_pipelines.examples import ExamplesConfig, run
 
-            out = self.path("examples")
-            stats = self._timed("examples pipeline", run, ExamplesConfig(input=self.raw(), output=out), beam_args)
+            base = self.path("examples")
+            stats = self._timed("examples pipeline", run, ExamplesConfig(input=self.raw(), output=base),
+                                beam_args)
             self.facts["examples"] = stats.get("written", {})
+            out = artifacts.resolve(base, "examples")
         elif key == "impression_negatives":
             out = self.path("data", key)
             s = self._timed("impression negatives", ablations.impression_negatives, self.dataset("base"), out,
                             self.cfg.impression_negatives_max, self.seed, beam_args)
             self.facts[key] = s["counts"]
+            out = s["output"]
         elif key == "impression_positives":
             out = self.path("data", key)
             s = self._timed("impression positives", ablations.impression_positives, self.dataset("base"),
                             out, beam_args)
             self.facts[key] = s["counts"]
+            out = s["output"]
         elif key == "hard_positives":
             out = self.path("data", key)
             s = self._timed("hard positives", ablations.hard_positive_examples, self.raw(),
                             self.dataset("base"), out, self.cfg.hard_positive_window, beam_args)
             self.facts[key] = s["counts"]
+            out = s["output"]
         elif key.startswith("mined:"):
             _, window, ratio = key.split(":", 2)
             all_key = f"mined:{window}:0:1"
@@ -610,19 +643,26 @@ class SeedRun:
 
         unified = self.model("unified")
         e = self.embed("unified")
-        index = self.path("index", "unified-exact")
-        if not os.path.exists(index):
-            meta = json.loads(Path(unified, "doc_tower", "1", "ebr_metadata.json").read_text())
-            build_index((e.doc_ids, e.docs, [[] for _ in e.doc_ids],
-                         {"schema_hash": meta["schema_hash"], "model_version": 1}), index, backend="exact")
+        if "unified-exact" not in self.indexes:
+            from ebr import features
+
+            doc_tower = artifacts.resolve(storage.join(unified, "doc_tower"), "doc tower")
+            meta = artifacts.read_model_metadata(doc_tower, features.schema_hash())
+            path = self.path("index", "unified-exact")
+            storage.remove(path)  # a previous run's index was built from another model
+            self.indexes["unified-exact"] = build_index(
+                (e.doc_ids, e.docs, [[] for _ in e.doc_ids],
+                 {"schema_hash": meta["schema_hash"], "model_version": meta["version"]}),
+                path, backend="exact")
+        index = self.indexes["unified-exact"]
         start, end = mining.parse_window(window)
         out = self.path("data", f"mined_{window}_all")
-        cfg = MineConfig(examples=self.dataset("base"), model=os.path.join(unified, "query_tower"),
+        cfg = MineConfig(examples=self.dataset("base"), model=storage.join(unified, "query_tower"),
                          index=index, output=out,
                          mining=mining.MiningConfig(start, end, self.cfg.hard_per_query, "0:1", self.seed))
         summary = self._timed(f"mine negatives {window}", run, cfg, self.cfg.beam_args)
         self.facts[f"mined {window}"] = summary["counts"]
-        return out
+        return summary.get("output") or artifacts.resolve(out, "examples")
 
     def model(self, key: str) -> str:
         if key in self.trained:
@@ -632,7 +672,7 @@ class SeedRun:
         spec = self.models[key]
         data_dir = self.dataset(spec.data)
         model_dir = self.path("models", key.replace(":", "to"))
-        shutil.rmtree(model_dir, ignore_errors=True)  # never resume an older run's backup
+        storage.remove(model_dir)  # never resume an older run's backup or reuse its towers
         result = self._timed(f"train {key}", train, train_config(self.cfg, spec, data_dir, model_dir, self.seed))
         self.facts.setdefault("training", {})[key] = {"steps": result["steps"],
                                                       "loss": result["metrics"].get("loss")}
@@ -653,7 +693,7 @@ class SeedRun:
             if row.kind == "model":
                 results[row.name] = model_metrics(self.embed(row.model), ks)
             elif row.kind == "ensemble":
-                results[row.name] = ensemble_metrics(row, self.embedded, ks, self.work)
+                results[row.name] = ensemble_metrics(row, self.embedded, ks, self.work, self.indexes)
         ann_rows = [r for r in rows if r.kind == "ann"]
         if ann_rows:
             results.update(self._timed("ANN sweep", ann_metrics, ann_rows,
@@ -861,6 +901,16 @@ def _fmt(m: dict | None, pct: bool = False) -> str:
     return f"{m['mean']:.3f} ± {m['std']:.3f}"
 
 
+def _save_png(fig, path: str) -> None:
+    """A matplotlib figure as one PNG object at `path` (any URI, through `ebr.storage`)."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    storage.write_bytes(path, buf.getvalue())
+
+
 def _plot(path: str, title: str, labels: list[str], series: dict[str, list[tuple[float, float]]],
           ylabel: str) -> None:
     import matplotlib
@@ -880,8 +930,7 @@ def _plot(path: str, title: str, labels: list[str], series: dict[str, list[tuple
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_png(fig, path)
 
 
 def _plot_ann(path: str, agg: dict, cfg: HarnessConfig) -> None:
@@ -905,8 +954,7 @@ def _plot_ann(path: str, agg: dict, cfg: HarnessConfig) -> None:
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_png(fig, path)
 
 
 EXPERIMENT_TITLES = {
@@ -924,7 +972,8 @@ EXPERIMENT_TITLES = {
 def write_report(out: str, cfg: HarnessConfig, models: dict[str, ModelSpec], rows: list[Row],
                  agg: dict, seeds: list[int], quick: bool, command: str, facts: list[dict],
                  seconds: float, jobs: int = 1) -> str:
-    os.makedirs(out, exist_ok=True)
+    """Writes OUT/report.md and its PNG plots (any URI, through `ebr.storage`); returns the
+    report's path."""
     ks = cfg.ks
     k = cfg.primary_k
     lines = [
@@ -972,7 +1021,7 @@ def write_report(out: str, cfg: HarnessConfig, models: dict[str, ModelSpec], row
                 lines.append(f"| `{r.name}` | {r.about} | {_fmt(a.get(f'ann_recall@{k}'))} | "
                              f"{_fmt(a.get(f'recall@{k}'))} | {a['scanned']['mean']:.0f} "
                              f"({a['scanned_fraction']['mean']:.1%}) | {a['bytes_per_vector']['mean']:.1f} |")
-            _plot_ann(os.path.join(out, "e8_ann.png"), agg, cfg)
+            _plot_ann(storage.join(out, "e8_ann.png"), agg, cfg)
             lines += ["", "![experiment 8](e8_ann.png)", ""]
         else:
             header = "| row | what | " + " | ".join(f"recall@{x}" for x in ks) + f" | Δ recall@{k} vs baseline |"
@@ -996,7 +1045,7 @@ def write_report(out: str, cfg: HarnessConfig, models: dict[str, ModelSpec], row
                 series = {r.name: [(agg.get(r.name, {}).get(f"by_type.{t}.recall@{k}", {}).get("mean", 0.0),
                                     agg.get(r.name, {}).get(f"by_type.{t}.recall@{k}", {}).get("std", 0.0))
                                    for t in DOC_TYPES] for r in exp_rows}
-                _plot(os.path.join(out, "e1_by_type.png"), f"Experiment 1: recall@{k} by document type",
+                _plot(storage.join(out, "e1_by_type.png"), f"Experiment 1: recall@{k} by document type",
                       list(DOC_TYPES), series, f"recall@{k}")
                 lines += ["", "![experiment 1](e1_by_type.png)"]
                 hard = cfg.e1_online_hard
@@ -1011,7 +1060,7 @@ def write_report(out: str, cfg: HarnessConfig, models: dict[str, ModelSpec], row
                                           agg.get(r.name, {}).get(f"recall@{x}", {}).get("std", 0.0))
                                          for r in exp_rows] for x in ks}
                 png = f"e{exp}.png"
-                _plot(os.path.join(out, png), f"Experiment {exp}: {EXPERIMENT_TITLES[exp]}",
+                _plot(storage.join(out, png), f"Experiment {exp}: {EXPERIMENT_TITLES[exp]}",
                       [r.name.split(".", 1)[1] for r in exp_rows], series, "recall")
                 lines += ["", f"![experiment {exp}]({png})"]
             lines.append("")
@@ -1051,10 +1100,8 @@ def write_report(out: str, cfg: HarnessConfig, models: dict[str, ModelSpec], row
     lines += ["", "Harness configuration:", "", "```json", json.dumps(dataclasses.asdict(cfg), indent=1), "```", "",
               "Per-seed facts (data sizes, mined counts, training steps, timings):", "", "```json",
               json.dumps(facts, indent=1, default=str)[:20000], "```", ""]
-    path = os.path.join(out, "report.md")
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(lines))
-    os.replace(path + ".tmp", path)
+    path = storage.join(out, "report.md")
+    storage.write_bytes(path, "\n".join(lines).encode("utf-8"))  # one object, written whole
     return path
 
 
@@ -1092,9 +1139,13 @@ def default_jobs(n_seeds: int) -> int:
 
 def main(quick: bool = False, seeds: int | None = None, out: str = "paper_tables",
          only: list[str] | None = None, overrides: list[str] | None = None,
-         command: str | None = None, jobs: int | None = None) -> str:
+         command: str | None = None, jobs: int | None = None, work: str | None = None) -> str:
     """Runs the selected rows over `seeds` seeds (`jobs` processes at a time); returns the
-    report path."""
+    report path.
+
+    `out` (any URI) receives report.md, results.json and the plots. `work` (any URI) holds every
+    seed's artifacts; by default OUT/work when OUT is local, else a local temp directory that
+    is removed when the run ends."""
     started = time.time()
     cfg = make_config(quick, overrides)
     n_seeds = seeds if seeds is not None else SEEDS
@@ -1105,15 +1156,25 @@ def main(quick: bool = False, seeds: int | None = None, out: str = "paper_tables
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
     models, rows = plan(cfg)
     rows = select_rows(rows, only or [])
-    work = os.path.join(out, "work")
-    done = run_seeds(cfg, models, rows, list(range(n_seeds)), work, jobs)
+    scratch = None
+    if work is None:
+        if storage.is_local(out):
+            work = storage.join(out, "work")
+        else:  # FAISS / TF scratch stays on local disk; only the results go to OUT
+            work = scratch = tempfile.mkdtemp(prefix="ebr-paper-tables-work-")
+            log.info("OUT %s is remote: work directory %s (removed at the end)", out, work)
+    try:
+        done = run_seeds(cfg, models, rows, list(range(n_seeds)), work, jobs)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     per_seed, facts = [r for r, _ in done], [f for _, f in done]
     agg = aggregate(per_seed)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"config": dataclasses.asdict(cfg), "seeds": list(range(n_seeds)),
-                   "rows": [dataclasses.asdict(r) for r in rows], "per_seed": per_seed,
-                   "aggregate": agg, "facts": facts}, f, indent=1, default=str)
+    results = {"config": dataclasses.asdict(cfg), "seeds": list(range(n_seeds)),
+               "rows": [dataclasses.asdict(r) for r in rows], "per_seed": per_seed,
+               "aggregate": agg, "facts": facts}
+    storage.write_bytes(storage.join(out, "results.json"),
+                        json.dumps(results, indent=1, default=str).encode("utf-8"))
     if command is None:
         command = (f"ebr experiment paper-tables{' --quick' if quick else ''} --seeds {n_seeds} "
                    f"--out {out}" + (f" --only {','.join(only)}" if only else "")

@@ -10,10 +10,13 @@ from index.errors import IndexError_  # noqa: E402
 
 
 def open_index(path, **kwargs):
-    """`index.searcher.open_index` (imported lazily so `import index` stays light)."""
+    """`index.searcher.open_index` (imported lazily so `import index` stays light): `path` is
+    INDEX_BASE or INDEX_BASE/VERSION on any URI, a str or an os.PathLike."""
+    import os
+
     from index.searcher import open_index as _open
 
-    return _open(path, **kwargs)
+    return _open(os.fspath(path), **kwargs)
 
 
 def build_index(*args, **kwargs):

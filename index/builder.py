@@ -1,7 +1,10 @@
 """Builds and publishes an index version from document embeddings.
 
-embeddings (contracts section 4) -> backend (exact | faiss | scann) + doc ids + attribute
-inverted index (bitmaps for boolean filters) -> INDEX_BASE/VERSION (persistence.publish).
+embeddings (contracts section 4: EMB or EMB/VERSION on any URI, read by
+`index.embeddings.read_embeddings`) -> backend (exact | faiss | scann) + doc ids + attribute
+inverted index (bitmaps for boolean filters), built in a local staging directory ->
+INDEX_BASE/VERSION on any URI, committed last (`persistence.publish`, docs/contracts.md
+section 5).
 """
 from __future__ import annotations
 
@@ -53,8 +56,8 @@ def write_doc_ids(path: Path, doc_ids: list[str]) -> None:
 def build_index(embeddings, output, *, backend: str = "faiss", factory: str | None = None,
                 nprobe: int | None = None, k_factor: int | None = None, scann=None,
                 model_version=None, schema_hash: str | None = None, seed: int = 0,
-                backend_object=None) -> Path:
-    """EMB dir (or a `(doc_ids, X, filter_terms, meta)` tuple) -> published version dir.
+                backend_object=None) -> str:
+    """EMB (or a `(doc_ids, X, filter_terms, meta)` tuple) -> the committed version dir's URI.
 
     `model_version` / `schema_hash` default to those in embeddings.json; when given they must
     agree with it (an index must not mix one model's embeddings with another's label)."""
@@ -62,7 +65,7 @@ def build_index(embeddings, output, *, backend: str = "faiss", factory: str | No
     from index.filters import AttributeIndex
 
     if isinstance(embeddings, (str, Path)):
-        doc_ids, X, terms, meta = read_embeddings(embeddings)
+        doc_ids, X, terms, meta = read_embeddings(str(embeddings))
         source = str(embeddings)
     else:
         doc_ids, X, terms, meta = embeddings

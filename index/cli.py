@@ -1,6 +1,9 @@
 """`ebr index build|sweep|query|inspect` (docs/contracts.md section 5).
 
-Heavy imports (faiss, scann, TensorFlow) happen inside the command functions.
+Every path argument takes any URI (local paths, gs://...): EMB is an embeddings artifact
+(EMB -> its newest committed version, or EMB/VERSION), INDEX_BASE gets a new committed version
+per build, and `query` / `inspect` take INDEX_BASE or INDEX_BASE/VERSION. Heavy imports (faiss,
+scann, TensorFlow) happen inside the command functions.
 """
 from __future__ import annotations
 
@@ -16,8 +19,10 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="index_command", required=True)
 
     b = sub.add_parser("build", help="embeddings -> INDEX_BASE/VERSION")
-    b.add_argument("--embeddings", required=True, help="EMB dir written by `ebr embed`")
-    b.add_argument("--output", required=True, help="INDEX_BASE")
+    b.add_argument("--embeddings", required=True,
+                   help="EMB or EMB/VERSION written by `ebr embed` (any URI)")
+    b.add_argument("--output", required=True,
+                   help="INDEX_BASE (any URI): the build becomes INDEX_BASE/<next version>")
     b.add_argument("--backend", default="faiss", choices=("faiss", "scann", "exact"))
     b.add_argument("--factory", default=None, help="FAISS index_factory string (default: index/defaults.py)")
     b.add_argument("--nprobe", type=int, default=None)
@@ -32,24 +37,24 @@ def register(subparsers) -> None:
 
     s = sub.add_parser("sweep", help="recall / scanned / latency / QPS over ANN parameters")
     src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("--embeddings", help="EMB dir (documents)")
+    src.add_argument("--embeddings", help="EMB or EMB/VERSION (documents, any URI)")
     src.add_argument("--synthetic", type=int, help="N synthetic clustered documents instead")
-    s.add_argument("--query-vectors", help=".npy [Q, D] query embeddings (default: synthetic "
-                   "mixture queries, or held-out documents when --embeddings is given)")
+    s.add_argument("--query-vectors", help=".npy [Q, D] query embeddings, any URI (default: "
+                   "synthetic mixture queries, or held-out documents when --embeddings is given)")
     s.add_argument("--queries", type=int, default=500)
     s.add_argument("--dim", type=int, default=64)
     s.add_argument("--k", type=int, default=10)
     s.add_argument("--quick", action="store_true", help="smaller grid")
     s.add_argument("--no-scann", action="store_true")
-    s.add_argument("--output", required=True)
+    s.add_argument("--output", required=True, help="report directory (any URI)")
     s.set_defaults(func=cmd_sweep)
 
     q = sub.add_parser("query", help="search an index with vectors or a document's own embedding")
-    q.add_argument("--index", required=True)
+    q.add_argument("--index", required=True, help="INDEX_BASE or INDEX_BASE/VERSION (any URI)")
     g = q.add_mutually_exclusive_group(required=True)
-    g.add_argument("--vector-file", help=".npy [D] or [Q, D], or a JSON list")
+    g.add_argument("--vector-file", help=".npy [D] or [Q, D], or a JSON list (any URI)")
     g.add_argument("--doc-id", help="use this indexed document's embedding (reconstructed)")
-    q.add_argument("--embeddings", help="EMB dir to read --doc-id's exact embedding from")
+    q.add_argument("--embeddings", help="EMB or EMB/VERSION to read --doc-id's exact embedding from")
     q.add_argument("--filter", default=None)
     q.add_argument("--radius", type=float, default=None)
     q.add_argument("-k", type=int, default=10)
@@ -57,7 +62,7 @@ def register(subparsers) -> None:
     q.set_defaults(func=cmd_query)
 
     i = sub.add_parser("inspect", help="print the manifest and verify the files")
-    i.add_argument("--index", required=True)
+    i.add_argument("--index", required=True, help="INDEX_BASE or INDEX_BASE/VERSION (any URI)")
     i.set_defaults(func=cmd_inspect)
 
 
@@ -78,7 +83,7 @@ def cmd_build(args) -> int:
     path = build_index(args.embeddings, args.output, backend=args.backend, factory=args.factory,
                        nprobe=args.nprobe, k_factor=args.k_factor, scann=scann,
                        model_version=args.model_version, schema_hash=args.schema_hash)
-    print(json.dumps({"index": str(path)}))
+    print(json.dumps({"index": path}))
     return 0
 
 
@@ -105,7 +110,7 @@ def _build_sharded(args) -> int:
         path = build_index((doc_ids, X, terms, meta | {"source": args.embeddings}), args.output,
                            backend_object=be, model_version=args.model_version,
                            schema_hash=args.schema_hash)
-    print(json.dumps({"index": str(path), "shards": args.shards}))
+    print(json.dumps({"index": path, "shards": args.shards}))
     return 0
 
 
@@ -132,11 +137,25 @@ def cmd_sweep(args) -> int:
             X = np.delete(X, held, axis=0)
             label += " queries=held-out documents"
     if args.query_vectors:
-        Q = np.load(args.query_vectors).astype(np.float32)
+        Q = _load_npy(args.query_vectors).astype(np.float32)
     grid = SweepGrid.quick() if args.quick else SweepGrid()
     report = run_sweep(X, Q, args.output, k=args.k, grid=grid, label=label, scann=not args.no_scann)
     print(json.dumps({"output": args.output, "best": report["best"]["0.95"], "plots": report["plots"]}, indent=1))
     return 0
+
+
+def _load_npy(uri: str):
+    """A .npy array from any URI."""
+    import io
+
+    import numpy as np
+
+    from ebr import storage
+
+    try:
+        return np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False)
+    except ValueError as e:
+        raise ValueError(f"read {uri}: not a .npy array: {e}") from None
 
 
 def _parse_params(items: list[str]) -> dict:
@@ -157,13 +176,14 @@ def cmd_query(args) -> int:
     searcher = open_index(args.index)
     if args.vector_file:
         if args.vector_file.endswith(".npy"):
-            Q = np.load(args.vector_file)
+            Q = _load_npy(args.vector_file)
         else:
-            with open(args.vector_file) as f:
-                try:
-                    Q = np.array(json.load(f), dtype=np.float32)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{args.vector_file}: line {e.lineno}: {e.msg}") from None
+            from ebr import storage
+
+            try:
+                Q = np.array(json.loads(storage.read_text(args.vector_file)), dtype=np.float32)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{args.vector_file}: line {e.lineno}: {e.msg}") from None
     else:
         Q = _doc_vector(searcher, args)
     result = searcher.search(Q, args.k, filter=args.filter, radius=args.radius,
@@ -195,11 +215,12 @@ def _doc_vector(searcher, args):
 
 
 def cmd_inspect(args) -> int:
+    from ebr import storage
     from index import persistence
 
     vdir = persistence.resolve(args.index)
     manifest = persistence.read_manifest(vdir)
-    persistence.verify_files(vdir, manifest)
-    print(json.dumps({"path": str(vdir), "versions": persistence.versions(vdir.parent),
+    persistence.verify_files(vdir, manifest)  # reads through ebr.storage: no local copy needed
+    print(json.dumps({"path": vdir, "versions": persistence.versions(storage.parent(vdir)),
                       "verified": True, **manifest}, indent=1))
     return 0

@@ -2,9 +2,13 @@
 
 Every error a bad index directory or bad input can cause is a `ValueError` subclass whose
 message names the file (or argument) at fault, so `ebr` prints one clear line and the
-retrieval service can refuse a version and keep serving the previous one.
+retrieval service can refuse a version and keep serving the previous one. The errors that
+the artifact layer defines too (`ebr.artifacts`: model mismatch, uncommitted version) are
+subclasses of both, so callers may catch either.
 """
 from __future__ import annotations
+
+from ebr import artifacts
 
 
 class IndexError_(ValueError):
@@ -19,8 +23,12 @@ class DimensionMismatch(IndexError_):
     """Vectors whose dimension differs from the index's (or a manifest that lies about it)."""
 
 
-class ModelMismatch(IndexError_):
+class ModelMismatch(IndexError_, artifacts.ModelMismatch):
     """The index was built from another embedding model (schema hash / model version)."""
+
+
+class UncommittedIndex(IndexError_, artifacts.UncommittedVersion):
+    """An index version directory whose publish never finished (no `_COMMITTED`)."""
 
 
 class EmbeddingsError(IndexError_):

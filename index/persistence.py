@@ -1,97 +1,101 @@
-"""Versioned, checksummed index directories (docs/contracts.md section 5).
+"""Versioned, checksummed index directories on any URI (docs/contracts.md section 5).
 
-    INDEX_BASE/VERSION/manifest.json + backend files + doc_ids.txt + filters.bin
+    INDEX_BASE/VERSION/{manifest.json, backend files, doc_ids.txt, filters.bin, _COMMITTED}
 
-A version is written into a temp directory under INDEX_BASE and renamed into place whole, so a
-reader (the retrieval service polls INDEX_BASE) never sees half an index. Loading re-hashes
-every file the manifest lists and refuses an index built from another embedding model.
+Place in the data flow: `index.builder` publishes a version here; `index.searcher.open_index`
+(the retrieval service, `ebr mine-negatives`, the experiments) resolves and loads one.
+
+Publishing follows the commit protocol of `ebr.artifacts` (docs/contracts.md, "Commit
+protocol"): the files are built in a local staging directory (FAISS and ScaNN write local
+files), `manifest.json` (format, version, sha256 and size of every file) is written beside
+them, and `artifacts.publish_dir` uploads everything to INDEX_BASE/VERSION with the manifest
+last and the `_COMMITTED` marker after it. A reader lists and resolves committed versions
+only, so a build killed mid-upload leaves a directory nobody opens, which the next build
+removes.
+
+Loading: a local version is read in place; a remote one (gs://...) is first copied to a local
+cache directory (`artifacts.local_copy`), because the FAISS and ScaNN readers need local files.
+Either way every file is re-hashed against the manifest and the index is refused when it was
+built from another embedding model (`artifacts.check_compatible`).
 """
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
 
-from index.errors import CorruptIndexFile, IndexError_, ModelMismatch
+from ebr import artifacts, storage
+from index.errors import CorruptIndexFile, IndexError_, ModelMismatch, UncommittedIndex
 
-MANIFEST = "manifest.json"
+MANIFEST = artifacts.INDEX_MANIFEST
 FORMAT = 1
 REQUIRED = ("format", "version", "backend", "params", "dimension", "count", "schema_hash",
             "model_version", "files")
+# Local copies of remote index versions: CACHE_ROOT/<hash of INDEX_BASE>/<VERSION>.
+CACHE_ENV = "EBR_INDEX_CACHE"
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def cache_root() -> str:
+    return os.environ.get(CACHE_ENV) or os.path.join(tempfile.gettempdir(), "ebr-index-cache")
 
 
-def versions(base: Path) -> list[int]:
-    base = Path(base)
-    if not base.is_dir():
-        return []
-    return sorted(int(p.name) for p in base.iterdir()
-                  if p.name.isdigit() and (p / MANIFEST).exists())
+def versions(base) -> list[int]:
+    """Committed index versions under INDEX_BASE, oldest first."""
+    return artifacts.versions(storage.normalize(base))
 
 
-def resolve(path) -> Path:
-    """INDEX_BASE (-> newest complete version) or INDEX_BASE/VERSION -> the version dir."""
-    path = Path(path)
-    if (path / MANIFEST).exists():
-        return path
-    if not path.exists():
-        raise FileNotFoundError(f"index path {path} does not exist")
-    found = versions(path)
-    if not found:
-        raise IndexError_(f"{path}: no index version (no VERSION/{MANIFEST} under it)")
-    return path / str(found[-1])
-
-
-def publish(base, write_files: Callable[[Path], list[str]], manifest: dict) -> Path:
-    """Writes files with `write_files(tmpdir)` (returns their relative paths), checksums them,
-    writes the manifest and renames the directory to INDEX_BASE/<next version>."""
-    base = Path(base)
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=base))
+def resolve(path) -> str:
+    """INDEX_BASE (-> newest committed version) or INDEX_BASE/VERSION (must be committed) ->
+    the version directory's URI."""
     try:
-        files = write_files(tmp)
-        checksums = {f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size}
-                     for f in files}
-        version = (versions(base) or [0])[-1] + 1
-        while True:
-            full = {**manifest, "format": FORMAT, "version": version, "files": checksums,
-                    "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-            with open(tmp / MANIFEST, "w") as f:
-                json.dump(full, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            target = base / str(version)
-            try:
-                os.rename(tmp, target)  # atomic; fails if another writer took this version
-                return target
-            except OSError:
-                if not target.exists():
-                    raise
-                version += 1
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        return artifacts.resolve(str(path), "index")
+    except artifacts.UncommittedVersion as e:
+        raise UncommittedIndex(str(e)) from None
+    except artifacts.ArtifactError as e:
+        raise IndexError_(str(e)) from None
 
 
-def read_manifest(vdir: Path) -> dict:
-    mpath = Path(vdir) / MANIFEST
+def publish(base, write_files: Callable[[Path], list[str]], manifest: dict) -> str:
+    """Writes files with `write_files(staging_dir)` (returns their relative paths), checksums
+    them, writes the manifest and publishes the whole as the next version of INDEX_BASE.
+    Returns the committed version directory's URI."""
+    base = storage.normalize(base)
+    with tempfile.TemporaryDirectory(prefix="ebr-index-staging-") as staging:
+        files = write_files(Path(staging))
+        checksums = {f: {"sha256": storage.sha256_file(os.path.join(staging, f)),
+                         "bytes": os.path.getsize(os.path.join(staging, f))} for f in files}
+        artifacts.clean_uncommitted(base)  # leftovers of a killed build (one writer per base)
+        version = artifacts.next_version(base)
+        full = {**manifest, "format": FORMAT, "version": version, "files": checksums,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        with open(os.path.join(staging, MANIFEST), "w") as f:
+            json.dump(full, f, indent=1, sort_keys=True)
+        return artifacts.publish_dir(staging, base, version=version, last=(MANIFEST,),
+                                     info={"artifact": "index", "backend": full.get("backend")})
+
+
+def local_dir(vdir: str) -> str:
+    """A local directory holding the committed version `vdir`: itself when local, else a
+    verified copy in the cache (reused when it is complete for this commit)."""
+    if storage.is_local(vdir):
+        return vdir
+    return artifacts.local_copy(vdir, cache_root())
+
+
+def read_manifest(vdir) -> dict:
+    mpath = storage.join(str(vdir), MANIFEST)
     try:
-        manifest = json.loads(mpath.read_text())
-    except FileNotFoundError:
+        text = storage.read_text(mpath)
+    except storage.NotFound:
         raise CorruptIndexFile(f"{mpath} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise CorruptIndexFile(f"{mpath} is not valid JSON ({e})") from None
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as e:
         raise CorruptIndexFile(f"{mpath} is not valid JSON ({e})") from None
     if not isinstance(manifest, dict):
         raise CorruptIndexFile(f"{mpath} is not a JSON object")
@@ -103,27 +107,25 @@ def read_manifest(vdir: Path) -> dict:
     return manifest
 
 
-def verify_files(vdir: Path, manifest: dict) -> None:
+def verify_files(vdir, manifest: dict) -> None:
     """Every listed file exists with its size and sha256; the error names the first bad one."""
-    vdir = Path(vdir)
+    vdir = str(vdir)
     for rel, want in sorted(manifest["files"].items()):
-        f = vdir / rel
-        if not f.is_file():
-            raise CorruptIndexFile(f"{f} is missing (listed in {vdir / MANIFEST})")
-        size = f.stat().st_size
+        f = storage.join(vdir, rel)
+        if not storage.exists(f):
+            raise CorruptIndexFile(f"{f} is missing (listed in {storage.join(vdir, MANIFEST)})")
+        size = storage.size(f)
         if size != want["bytes"]:
             raise CorruptIndexFile(f"{f} is truncated or altered: {size} bytes, manifest says "
                                    f"{want['bytes']}")
-        if sha256_file(f) != want["sha256"]:
+        if storage.sha256_file(f) != want["sha256"]:
             raise CorruptIndexFile(f"{f} fails its sha256 checksum (corrupt file)")
 
 
-def check_model(vdir: Path, manifest: dict, schema_hash: str | None, model_version) -> None:
-    problems = []
-    if schema_hash is not None and manifest["schema_hash"] != schema_hash:
-        problems.append(f"schema_hash {manifest['schema_hash']} (index) != {schema_hash} (expected)")
-    if model_version is not None and str(manifest["model_version"]) != str(model_version):
-        problems.append(f"model_version {manifest['model_version']} (index) != {model_version} (expected)")
-    if problems:
-        raise ModelMismatch(f"{Path(vdir) / MANIFEST}: index was built for another embedding "
-                            "model: " + "; ".join(problems))
+def check_model(vdir, manifest: dict, schema_hash: str | None, model_version) -> None:
+    """Refuses an index built from another embedding model (docs/contracts.md section 5)."""
+    try:
+        artifacts.check_compatible(f"index {storage.join(str(vdir), MANIFEST)}", manifest,
+                                   schema_hash=schema_hash, model_version=model_version)
+    except artifacts.ModelMismatch as e:
+        raise ModelMismatch(str(e)) from None

@@ -1,6 +1,6 @@
 """The one small search interface (docs/contracts.md section 5) over every backend.
 
-    searcher = open_index(INDEX_BASE or INDEX_BASE/VERSION)
+    searcher = open_index(INDEX_BASE or INDEX_BASE/VERSION)   # any URI, committed versions only
     result = searcher.search(queries, k, filter="type:group AND NOT attributes.tag:spam",
                              radius=None, params={"nprobe": 32})
 
@@ -46,8 +46,10 @@ def _backend_class(name: str):
 
 
 class Searcher:
-    def __init__(self, path: Path, manifest: dict, backend, doc_ids: list[str], attributes):
-        self.path = path
+    def __init__(self, path: str, manifest: dict, backend, doc_ids: list[str], attributes,
+                 local_path: str | None = None):
+        self.path = path  # the version directory's URI (INDEX_BASE/VERSION)
+        self.local_path = local_path or path  # where its files were read from
         self.manifest = manifest
         self.backend = backend
         self.doc_ids = doc_ids
@@ -116,18 +118,21 @@ class Searcher:
 
 def open_index(path, *, schema_hash: str | None = None, model_version=None,
                verify: bool = True) -> Searcher:
-    """Loads INDEX_BASE (newest version) or INDEX_BASE/VERSION, verifying checksums, the
-    dimension and (when given) the embedding model it must have been built for."""
+    """Loads INDEX_BASE (newest committed version) or INDEX_BASE/VERSION (must be committed),
+    on any URI, verifying checksums, the dimension and (when given) the embedding model it must
+    have been built for. A remote version is read from a local cached copy
+    (`persistence.local_dir`); `Searcher.path` is the version's URI either way."""
     from index.filters import AttributeIndex
 
     vdir = persistence.resolve(path)
     manifest = persistence.read_manifest(vdir)
     persistence.check_model(vdir, manifest, schema_hash, model_version)
+    local = persistence.local_dir(vdir)
     if verify:
-        persistence.verify_files(vdir, manifest)
+        persistence.verify_files(local, manifest)
     cls = _backend_class(manifest["backend"])
     try:
-        backend = cls.load(vdir, manifest["params"])
+        backend = cls.load(Path(local), manifest["params"])
     except (RuntimeError, OSError, EOFError) as e:  # FAISS/ScaNN readers raise RuntimeError
         raise CorruptIndexFile(f"{vdir}: {manifest['backend']} files cannot be read: "
                                f"{str(e).splitlines()[0][:300]}") from None
@@ -137,12 +142,17 @@ def open_index(path, *, schema_hash: str | None = None, model_version=None,
     if backend.ntotal != manifest["count"]:
         raise CorruptIndexFile(f"{vdir}: backend files hold {backend.ntotal} vectors, "
                                f"{persistence.MANIFEST} says {manifest['count']}")
-    doc_ids = (vdir / DOC_IDS).read_text(encoding="utf-8").split("\n")[:-1]
+    ids_path = Path(local) / DOC_IDS
+    try:
+        doc_ids = ids_path.read_text(encoding="utf-8").split("\n")[:-1]
+    except (OSError, UnicodeDecodeError) as e:
+        raise CorruptIndexFile(f"{vdir}/{DOC_IDS} cannot be read: {e}") from None
     if len(doc_ids) != manifest["count"]:
-        raise CorruptIndexFile(f"{vdir / DOC_IDS}: {len(doc_ids)} ids, manifest says {manifest['count']}")
-    attributes = AttributeIndex.load(vdir / FILTERS)
+        raise CorruptIndexFile(f"{vdir}/{DOC_IDS}: {len(doc_ids)} ids, manifest says {manifest['count']}")
+    attributes = AttributeIndex.load(Path(local) / FILTERS)
     if attributes.count != manifest["count"]:
-        raise CorruptIndexFile(f"{vdir / FILTERS}: covers {attributes.count} docs, manifest says "
+        raise CorruptIndexFile(f"{vdir}/{FILTERS}: covers {attributes.count} docs, manifest says "
                                f"{manifest['count']}")
-    log.info("opened index %s (%s, %d docs)", vdir, manifest["backend"], manifest["count"])
-    return Searcher(vdir, manifest, backend, doc_ids, attributes)
+    log.info("opened index %s (%s, %d docs%s)", vdir, manifest["backend"], manifest["count"],
+             "" if local == vdir else f", local copy {local}")
+    return Searcher(vdir, manifest, backend, doc_ids, attributes, local_path=local)

@@ -6,6 +6,10 @@ sample, give every shard a copy, let each shard add its slice of the corpus with
 merge the shards' inverted lists into one on-disk index with `merge_ondisk`. Because every
 shard shares the trained quantizers, the merged index equals a single build list by list.
 
+The work directory is local scratch (a remote runner needs a shared one); the merged index is
+published like any other build (`index.builder.build_index` -> `persistence.publish`: staged
+locally, uploaded to INDEX_BASE/VERSION on any URI, committed last).
+
 Search: each shard answers top-k for its slice; the global top-k is the merge of the shards'
 lists (what a serving fan-out does when one machine cannot hold the index).
 """
@@ -51,6 +55,7 @@ def build_shards(X: np.ndarray, factory: str, work_dir, shards: int, *, beam_arg
     import apache_beam as beam
     import faiss
 
+    from beam_pipelines.options import make_pipeline  # local FnApiRunner unless options say
     from index.ivf_pq import train_index
 
     if "RFlat" in factory:
@@ -62,14 +67,6 @@ def build_shards(X: np.ndarray, factory: str, work_dir, shards: int, *, beam_arg
     vectors = work / "vectors.npy"
     np.save(vectors, np.ascontiguousarray(X, np.float32))
     tasks = [(i, s, e) for i, (s, e) in enumerate(shard_bounds(len(X), shards))]
-    try:
-        from beam_pipelines.options import make_pipeline
-    except ImportError:  # the shared runner options are not there: same no-download runner
-        def make_pipeline(args):
-            from apache_beam.options.pipeline_options import PipelineOptions
-
-            return beam.Pipeline(options=PipelineOptions(
-                args or ["--runner=DirectRunner", "--direct_running_mode=in_memory"]))
     out = work / "shards"
     out.mkdir(exist_ok=True)
     with make_pipeline(list(beam_args or [])) as p:

@@ -4,7 +4,8 @@ parameter tuning": recall against exact search versus documents scanned).
 For each configuration: recall@K against exact, documents scanned per query, single-query
 latency p50/p99, batch QPS, bytes per vector and build time, over nlist, nprobe, pq_bytes,
 PQ vs OPQ vs PCA, IVF vs IMI, fast-scan, refine factor, and ScaNN leaves and reorder. Writes
-sweep.json plus recall-vs-QPS and recall-vs-scanned Pareto plots.
+sweep.json plus recall-vs-QPS and recall-vs-scanned Pareto plots into the output directory,
+which may be any URI (written locally, then copied through `ebr.storage`).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -190,11 +192,26 @@ def plot(rows: list[dict], out: Path, title: str) -> list[str]:
 
 def run_sweep(X: np.ndarray, Q: np.ndarray, out_dir, *, k: int = 10, grid: SweepGrid | None = None,
               label: str = "", scann: bool = True, seed: int = 0) -> dict:
+    import tempfile
+
+    from ebr import storage
+
+    out_uri = storage.normalize(out_dir)
+    if storage.is_local(out_uri):
+        os.makedirs(out_uri, exist_ok=True)
+        return _run_sweep(X, Q, Path(out_uri), out_uri, k, grid, label, scann, seed)
+    with tempfile.TemporaryDirectory(prefix="ebr-sweep-") as staging:
+        report = _run_sweep(X, Q, Path(staging), out_uri, k, grid, label, scann, seed)
+        for name in sorted(os.listdir(staging)):
+            storage.copy_file(os.path.join(staging, name), storage.join(out_uri, name))
+    return report
+
+
+def _run_sweep(X, Q, out: Path, out_uri: str, k, grid, label, scann, seed) -> dict:
+    """The sweep, its files written to the local directory `out`, named as under `out_uri`."""
     import faiss
 
     grid = grid or SweepGrid()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     X = np.ascontiguousarray(X, np.float32)
     Q = np.ascontiguousarray(Q, np.float32)
     gt, exact_row = exact_baseline(X, Q, k, grid)
@@ -211,6 +228,7 @@ def run_sweep(X: np.ndarray, Q: np.ndarray, out_dir, *, k: int = 10, grid: Sweep
     report = {"label": label, "n": len(X), "d": int(X.shape[1]), "queries": len(Q), "k": k,
               "threads": faiss.omp_get_max_threads(), "grid": dataclasses.asdict(grid),
               "results": rows, "best": {str(t): v for t, v in best.items()}}
-    report["plots"] = plot(rows, out, f"{label} N={len(X)} d={X.shape[1]}")
+    plots = plot(rows, out, f"{label} N={len(X)} d={X.shape[1]}")
+    report["plots"] = [f"{out_uri}/{os.path.basename(p)}" for p in plots]
     (out / "sweep.json").write_text(json.dumps(report, indent=1))
     return report

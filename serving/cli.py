@@ -1,5 +1,9 @@
 """`ebr serve model`, `ebr serve retrieval` and `ebr query`: the serving stage's command line.
 
+Every path option takes a URI (local or gs://): the index and model are artifacts resolved to
+committed versions (docs/contracts.md sections 3, 5, 6), certificates and searchers.jsonl are
+read through `ebr.storage`.
+
 Heavy imports (TensorFlow, gRPC servers) happen inside the command functions so `ebr --help`
 stays fast.
 """
@@ -9,7 +13,6 @@ import argparse
 import gzip
 import json
 import logging
-from pathlib import Path
 
 
 def register(subparsers) -> None:
@@ -25,44 +28,62 @@ def register(subparsers) -> None:
         model_server.add_arguments(model)
         model.set_defaults(func=model_server.run)
 
-    retrieval = serve_sub.add_parser("retrieval", help="embed queries and search the index")
+    retrieval = serve_sub.add_parser(
+        "retrieval", help="embed queries and search the index",
+        description="Every path takes a URI (local or gs://). Options left out take "
+                    "serving.retrieval_service.ServeConfig's defaults.")
+    # default=SUPPRESS: an option not given is not passed on, so ServeConfig's default holds
+    # (one place for every default).
+    opt = dict(default=argparse.SUPPRESS)
     retrieval.add_argument("--index", required=True,
-                           help="INDEX_BASE (newest version, polled) or INDEX_BASE/VERSION")
-    retrieval.add_argument("--model", help="MODEL_DIR/query_tower: loaded in-process, or read "
-                           "for ebr_metadata.json when --model-address is set")
-    retrieval.add_argument("--model-address", help="host:port of TF Serving / `ebr serve model`")
-    retrieval.add_argument("--model-name", default="query_tower")
-    retrieval.add_argument("--model-tls-ca", help="CA certificate of a TLS model server")
-    retrieval.add_argument("--host", default="[::]")
-    retrieval.add_argument("--port", type=int, default=8600)
-    retrieval.add_argument("--metrics-port", type=int, default=None,
+                           help="INDEX_BASE (newest committed version, polled) or "
+                                "INDEX_BASE/VERSION (fixed)")
+    retrieval.add_argument("--model", **opt,
+                           help="MODEL_DIR (or MODEL_DIR/query_tower): loaded in-process, or "
+                                "read for ebr_metadata.json when --model-address is set")
+    retrieval.add_argument("--model-address", **opt,
+                           help="host:port of TF Serving / `ebr serve model`")
+    retrieval.add_argument("--model-name", **opt)
+    retrieval.add_argument("--model-tls-ca", **opt, help="CA certificate of a TLS model server")
+    retrieval.add_argument("--host", **opt)
+    retrieval.add_argument("--port", type=int, **opt)
+    retrieval.add_argument("--metrics-port", type=int, **opt,
                            help="Prometheus /metrics port (default: none)")
-    retrieval.add_argument("--workers", type=int, default=8)
-    retrieval.add_argument("--max-queue", type=int, default=16,
+    retrieval.add_argument("--workers", type=int, **opt)
+    retrieval.add_argument("--max-queue", type=int, **opt,
                            help="requests admitted beyond the workers; more get RESOURCE_EXHAUSTED")
-    retrieval.add_argument("--max-k", type=int, default=1000)
-    retrieval.add_argument("--poll-seconds", type=float, default=1.0)
-    retrieval.add_argument("--drain-seconds", type=float, default=10.0,
+    retrieval.add_argument("--max-k", type=int, **opt)
+    retrieval.add_argument("--poll-seconds", type=float, **opt,
+                           help="how often INDEX_BASE is listed for a new version (0 = never)")
+    retrieval.add_argument("--retry-seconds", type=float, **opt,
+                           help="first retry delay of a new index version that failed to load "
+                                "(doubles per failure)")
+    retrieval.add_argument("--retry-max-seconds", type=float, **opt,
+                           help="longest retry delay of a failed index version")
+    retrieval.add_argument("--drain-seconds", type=float, **opt,
                            help="on SIGTERM, how long requests in flight may take to finish")
-    retrieval.add_argument("--drain-delay", type=float, default=0.0,
+    retrieval.add_argument("--drain-delay", dest="drain_delay_seconds", type=float, **opt,
+                           metavar="SECONDS",
                            help="on SIGTERM, seconds of NOT_SERVING health while still answering, "
                                 "before new requests are refused (k8s endpoint removal)")
-    retrieval.add_argument("--embed-batch", type=int, default=32,
+    retrieval.add_argument("--embed-batch", type=int, **opt,
                            help="largest dynamic batch of concurrent requests, embedded and "
                                 "searched together (1 = off)")
-    retrieval.add_argument("--embed-threads", type=int, default=1,
+    retrieval.add_argument("--embed-threads", type=int, **opt,
                            help="embedding batches in flight at once")
-    retrieval.add_argument("--tf-threads", type=int, default=1,
+    retrieval.add_argument("--tf-threads", type=int, **opt,
                            help="TensorFlow inter/intra-op threads (0 = TF default)")
-    retrieval.add_argument("--search-threads", type=int, default=1,
+    retrieval.add_argument("--search-threads", type=int, **opt,
                            help="FAISS OpenMP threads per search (0 = FAISS default)")
-    retrieval.add_argument("--search-param", action="append", default=[], metavar="KEY=VALUE",
+    retrieval.add_argument("--search-param", dest="search_params", action="append", **opt,
+                           metavar="KEY=VALUE",
                            help="index search parameter, e.g. nprobe=32 (repeatable)")
     retrieval.add_argument("--ensembles", help="JSON/YAML file of named ensembles (weighted "
                            "concatenation, cascade): experiments/ensembles.py load_registry")
-    retrieval.add_argument("--tls-cert")
-    retrieval.add_argument("--tls-key")
-    retrieval.add_argument("--tls-client-ca", help="require client certificates signed by this CA")
+    retrieval.add_argument("--tls-cert", **opt)
+    retrieval.add_argument("--tls-key", **opt)
+    retrieval.add_argument("--tls-client-ca", **opt,
+                           help="require client certificates signed by this CA")
     retrieval.set_defaults(func=_serve_retrieval)
 
     query = subparsers.add_parser("query", help="ask the retrieval service and print a table")
@@ -76,7 +97,7 @@ def register(subparsers) -> None:
     query.add_argument("--ensemble", default="")
     query.add_argument("--searcher", help="searcher id")
     query.add_argument("--searchers",
-                       help="searchers.jsonl[.gz] to fill the searcher's features from")
+                       help="searchers.jsonl[.gz] (any URI) to fill the searcher's features from")
     query.add_argument("--city")
     query.add_argument("--region")
     query.add_argument("--country")
@@ -85,7 +106,7 @@ def register(subparsers) -> None:
     query.add_argument("--friend", action="append", default=[])
     query.add_argument("--history", action="append", default=[], help="clicked doc id (repeatable)")
     query.add_argument("--timeout", type=float, default=10.0)
-    query.add_argument("--tls-ca")
+    query.add_argument("--tls-ca", help="CA certificate of a TLS retrieval service (any URI)")
     query.add_argument("--json", action="store_true", help="print JSON instead of a table")
     query.set_defaults(func=_query)
 
@@ -107,21 +128,26 @@ def _parse_params(items: list[str]) -> dict | None:
     return params or None
 
 
+def serve_config(args):
+    """ServeConfig from the parsed `ebr serve retrieval` options (those given; the rest keep
+    ServeConfig's defaults)."""
+    import dataclasses
+
+    from serving.retrieval_service import ServeConfig
+
+    names = {f.name for f in dataclasses.fields(ServeConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    if "search_params" in given:
+        given["search_params"] = _parse_params(given["search_params"])
+    return ServeConfig(**given)
+
+
 def _serve_retrieval(args) -> int:
     from ebr import jsonlog
-    from serving.retrieval_service import ServeConfig, serve
+    from serving.retrieval_service import serve
 
     jsonlog.setup(logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
-    config = ServeConfig(
-        index=args.index, model=args.model, model_address=args.model_address,
-        model_name=args.model_name, model_tls_ca=args.model_tls_ca, host=args.host,
-        port=args.port, metrics_port=args.metrics_port, workers=args.workers,
-        max_queue=args.max_queue, max_k=args.max_k, poll_seconds=args.poll_seconds,
-        drain_seconds=args.drain_seconds, drain_delay_seconds=args.drain_delay,
-        embed_batch=args.embed_batch, embed_threads=args.embed_threads,
-        tf_threads=args.tf_threads,
-        search_threads=args.search_threads, search_params=_parse_params(args.search_param),
-        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca)
+    config = serve_config(args)
     registry = None
     if args.ensembles:
         from experiments.ensembles import load_registry
@@ -131,15 +157,24 @@ def _serve_retrieval(args) -> int:
 
 
 def _find_searcher(path: str, searcher_id: str) -> dict:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: {e.msg}") from None
-            if record.get("searcher_id") == searcher_id:
-                return record
+    """The searcher's record in searchers.jsonl[.gz] (any URI)."""
+    from ebr import storage
+
+    data = storage.read_bytes(path)
+    if path.endswith(".gz"):
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as e:
+            raise ValueError(f"read {path}: not a gzip file ({e})") from None
+    for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: {e.msg}") from None
+        if record.get("searcher_id") == searcher_id:
+            return record
     raise KeyError(f"searcher {searcher_id!r} not found in {path}")
 
 

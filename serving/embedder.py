@@ -9,25 +9,27 @@ scalar kinds as `[B]`, MULTI kinds as `[B, N]` padded with "" (N = longest list 
 
 The service pins the model version to the one its index was built for (the index manifest's
 `model_version`), so a query is never embedded by one model and searched in another's space.
+Model directories are any URI (local or gs://); only committed tower versions count
+(`ebr.artifacts.versions`: both towers of the export committed them), and `ebr_metadata.json`
+is read with `ebr.artifacts.read_model_metadata`.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from ebr import features
+from ebr import artifacts, features, storage
 
 log = logging.getLogger(__name__)
 
 SIGNATURE = "serving_default"
 OUTPUT = "embedding"
-METADATA_FILE = "ebr_metadata.json"
 
 
 class ModelUnavailable(RuntimeError):
@@ -48,16 +50,9 @@ def build_inputs(rows: Sequence[Mapping[str, object]]) -> dict[str, np.ndarray]:
 
 
 def model_versions(base: str | Path) -> list[int]:
-    """Complete version directories under a model base path, oldest first.
-
-    A version counts once `saved_model.pb` and `ebr_metadata.json` are both there (the trainer
-    renames a finished temp dir into place, so a half-written version is never listed)."""
-    base = Path(base)
-    if not base.is_dir():
-        return []
-    return sorted(int(p.name) for p in base.iterdir()
-                  if p.name.isdigit() and (p / "saved_model.pb").exists()
-                  and (p / METADATA_FILE).exists())
+    """Committed versions under a tower base path (any URI), oldest first: `artifacts.versions`,
+    whose pair rule counts a tower version once both towers of the export committed it."""
+    return artifacts.versions(os.fspath(base))
 
 
 def pick_version(versions: list[int], version: int | None, where: str) -> int:
@@ -71,36 +66,33 @@ def pick_version(versions: list[int], version: int | None, where: str) -> int:
     return version
 
 
-def read_metadata(version_dir: Path) -> dict:
-    path = version_dir / METADATA_FILE
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelUnavailable(f"{path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: line {e.lineno}: {e.msg}") from None
-    for key in ("dimension", "schema_hash"):
-        if key not in meta:
-            raise ValueError(f"{path}: missing key {key!r}")
-    return meta
+def read_metadata(version_dir: str | Path) -> dict:
+    """`ebr_metadata.json` of a committed tower version (`artifacts.read_model_metadata`); a
+    version not committed (yet) is ModelUnavailable, the caller may retry later."""
+    vdir = storage.normalize(os.fspath(version_dir))
+    if artifacts.version_of(vdir) not in artifacts.versions(storage.parent(vdir)):
+        raise ModelUnavailable(f"{vdir}: not a committed model version (no "
+                               f"{artifacts.COMMIT_MARKER} in both towers)")
+    return artifacts.read_model_metadata(vdir)
 
 
 class LocalEncoder:
     """One version of the query tower, loaded in-process (`trainer.export.load_tower`, which
     checks its metadata and signature)."""
 
-    def __init__(self, version_dir: Path):
+    def __init__(self, version_dir: str | Path):
         from trainer.export import load_tower
 
-        self._tower = load_tower(str(version_dir))
+        version_dir = storage.normalize(os.fspath(version_dir))
+        self._tower = load_tower(version_dir)
         missing = set(features.QUERY_INPUTS) ^ set(self._tower.input_names)
         if missing:
             raise ValueError(f"{version_dir}: signature inputs {sorted(self._tower.input_names)} "
                              f"differ from ebr.features.QUERY_INPUTS "
                              f"{sorted(features.QUERY_INPUTS)}")
         meta = self._tower.metadata
-        self.info = ModelInfo(int(version_dir.name), int(meta["dimension"]),
-                              str(meta["schema_hash"]), str(version_dir))
+        self.info = ModelInfo(artifacts.version_of(self._tower.path), int(meta["dimension"]),
+                              str(meta["schema_hash"]), self._tower.path)
         self._flat_order = _flat_input_order(self._tower.signature, self._tower.input_names)
         specs = self._tower.input_specs
         self._ranks = {n: len(specs[n].shape) for n in self._tower.input_names}
@@ -145,11 +137,11 @@ def _flat_input_order(signature, input_names: Sequence[str]) -> list[str] | None
 
 
 class LocalModelSource:
-    """`MODEL_DIR/query_tower` on disk: lists versions and loads them in-process."""
+    """`MODEL_DIR/query_tower` on any URI: lists committed versions, loads them in-process."""
 
     def __init__(self, base: str | Path):
-        self.base = Path(base)
-        if not self.base.is_dir():
+        self.base = storage.normalize(os.fspath(base))
+        if not storage.isdir(self.base):
             raise FileNotFoundError(f"model directory {self.base} does not exist")
         self._cache: dict[int, LocalEncoder] = {}
         self._lock = threading.Lock()
@@ -161,8 +153,9 @@ class LocalModelSource:
         version = pick_version(self.versions(), version, f"under {self.base}")
         with self._lock:
             if version not in self._cache:
-                log.info("loading query tower", extra={"path": str(self.base / str(version))})
-                self._cache[version] = LocalEncoder(self.base / str(version))
+                path = storage.join(self.base, version)
+                log.info("loading query tower", extra={"path": path})
+                self._cache[version] = LocalEncoder(path)
             return self._cache[version]
 
     def release(self, keep: set[int]) -> None:
@@ -219,8 +212,8 @@ class RemoteEncoder:
 class RemoteModelSource:
     """A query tower served by TF Serving (or `ebr serve model`) at `address`.
 
-    `metadata_dir` (the same `MODEL_DIR/query_tower` the model server reads, e.g. a shared
-    volume) supplies `ebr_metadata.json` so the schema hash can be checked against the index;
+    `metadata_dir` (the same `MODEL_DIR/query_tower` the model server reads: a shared volume or
+    a gs:// URI) supplies `ebr_metadata.json` so the schema hash can be checked against the index;
     without it only the dimension is checked (read from the signature's output shape)."""
 
     def __init__(self, address: str, model_name: str = "query_tower",
@@ -230,7 +223,7 @@ class RemoteModelSource:
 
         self.address = address
         self.model_name = model_name
-        self.metadata_dir = Path(metadata_dir) if metadata_dir else None
+        self.metadata_dir = storage.normalize(os.fspath(metadata_dir)) if metadata_dir else None
         options = [("grpc.max_receive_message_length", 64 << 20)]
         if tls_ca:
             creds = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes())
@@ -278,7 +271,7 @@ class RemoteModelSource:
                                f"AVAILABLE of {self.model_name} at {self.address}")
         source = f"{self.address}/{self.model_name}/{version}"
         if self.metadata_dir is not None:
-            meta = read_metadata(self.metadata_dir / str(version))
+            meta = read_metadata(storage.join(self.metadata_dir, version))
             info = ModelInfo(version, int(meta["dimension"]), str(meta["schema_hash"]), source)
         else:
             info = ModelInfo(version, self._dimension(version), None, source)

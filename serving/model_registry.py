@@ -1,31 +1,44 @@
 """Which SavedModel versions the model server holds, kept in step with TF Serving's base path.
 
-Layout (TF Serving's, docs/contracts.md 3): `BASE/NAME/VERSION/{saved_model.pb, variables/}`;
-every subdirectory of BASE is a model, VERSION is a positive integer and the largest ones are
-served (`num_versions`, TF Serving's `latest` policy, default 1). The file system is polled
-(default every second). A new version is loaded fully and checked (it parses, it loads, it has
-the required signature, and its files did not change while loading) before one reference swap
-makes it current; the version it replaces is unloaded only after the requests holding it finish
-(TF Serving's availability-preserving policy). A directory that fails a check is never served:
-it is recorded with its error (GetModelStatus shows it) and retried only when its files change,
-which covers an exporter still writing (ours write to a temp dir and rename, so such a
-directory is named `.tmp...` and is not numeric anyway).
+Place in the data flow: the serving end of the towers (docs/contracts.md 3), behind
+`serving.model_server` (`ebr serve model --model-base-path MODEL_DIR`).
+
+Layout: `BASE/NAME/VERSION/{saved_model.pb, variables/, ebr_metadata.json, _COMMITTED}` on any
+URI (local or gs://, read through `ebr.storage` / tf.io.gfile; tf.saved_model.load reads gs://
+itself). Every entry of BASE holding versions is a model. Only committed versions exist for
+the registry (`ebr.artifacts.versions`: the commit marker is an export's last write, and a
+tower version counts once both towers committed it), so a version being uploaded, or left
+behind by a killed exporter, is never loaded. The largest committed versions are served
+(`num_versions`, TF Serving's `latest` policy, default 1). The storage is polled (default every
+second). A new version is loaded fully and checked (the files its commit marker lists are
+there, it parses, it loads, it has the required signature) before one reference swap makes it
+current; the version it replaces is unloaded only after the requests holding it finish (TF
+Serving's availability-preserving policy).
+
+A version that fails to load is never served: it is recorded with its error (GetModelStatus
+shows it, state END) and retried with exponential backoff up to a maximum delay (TF Serving
+retries failed loads: `--max_num_load_retries`, `--load_retry_interval_micros`), which covers a
+transient storage error while reading. A storage error while listing (or a base path that
+vanished) unloads nothing: the poll is logged and skipped, the served versions keep serving and
+the next poll looks again (TF Serving's `servable_versions_always_present` behaviour).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import threading
 import time
-from pathlib import Path
 from typing import Callable
 
 import grpc
 
+from ebr import artifacts, storage
+
 log = logging.getLogger(__name__)
 
 SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
+DEFAULT_LOAD_RETRY_SECONDS = 1.0  # first retry of a failed load; doubles per failure
+DEFAULT_MAX_LOAD_RETRY_SECONDS = 60.0  # cap of the backoff (TF Serving's retry interval)
 # ModelVersionStatus.State values (tensorflow_serving/apis/get_model_status.proto).
 START, LOADING, AVAILABLE, UNLOADING, END = 10, 20, 30, 40, 50
 
@@ -39,17 +52,17 @@ class ServingError(Exception):
         self.message = message
 
 
-def read_signature_defs(version_dir: Path) -> dict:
+def read_signature_defs(version_dir: str) -> dict:
     """The `serve` MetaGraph's SignatureDefs, as TF Serving returns them in GetModelMetadata."""
     from google.protobuf import text_format
     from tensorflow.core.protobuf import saved_model_pb2
 
     saved = saved_model_pb2.SavedModel()
-    pb = version_dir / "saved_model.pb"
-    if pb.exists():
-        saved.ParseFromString(pb.read_bytes())
+    pb = storage.join(version_dir, "saved_model.pb")
+    if storage.exists(pb):
+        saved.ParseFromString(storage.read_bytes(pb))
     else:
-        text_format.Parse((version_dir / "saved_model.pbtxt").read_text(), saved)
+        text_format.Parse(storage.read_text(storage.join(version_dir, "saved_model.pbtxt")), saved)
     for meta in saved.meta_graphs:
         if "serve" in meta.meta_info_def.tags:
             return dict(meta.signature_def)
@@ -57,32 +70,19 @@ def read_signature_defs(version_dir: Path) -> dict:
                      f"(tags: {[list(m.meta_info_def.tags) for m in saved.meta_graphs]})")
 
 
-def dir_fingerprint(path: Path) -> tuple:
-    """Names, sizes and mtimes of every file below `path`: changes while anything is written."""
-    items = []
-    for root, _, files in os.walk(path):
-        for f in files:
-            p = os.path.join(root, f)
-            try:
-                st = os.stat(p)
-            except FileNotFoundError:
-                continue
-            items.append((os.path.relpath(p, path), st.st_size, st.st_mtime_ns))
-    return tuple(sorted(items))
-
-
 class Servable:
     """One loaded SavedModel version; counts the requests that hold it."""
 
-    def __init__(self, name: str, version: int, path: Path, require_signature: str = ""):
+    def __init__(self, name: str, version: int, path: str, require_signature: str = ""):
         import tensorflow as tf
 
         self.name, self.version, self.path = name, version, path
+        artifacts.verify(path)  # every file the commit marker lists is there, whole
         self.signature_defs = read_signature_defs(path)
         if require_signature and require_signature not in self.signature_defs:
             raise ValueError(f"{path}: no signature {require_signature!r} "
                              f"(has {sorted(self.signature_defs)})")
-        self.model = tf.saved_model.load(str(path), tags=["serve"])
+        self.model = tf.saved_model.load(path, tags=["serve"])
         self.functions = dict(self.model.signatures)
         if require_signature and require_signature not in self.functions:
             raise ValueError(f"{path}: signature {require_signature!r} did not load")
@@ -113,10 +113,11 @@ class Servable:
 @dataclasses.dataclass
 class VersionRecord:
     version: int
-    path: Path
+    path: str
     state: int = START
     error: str = ""  # why the version is not served (failed check or load)
-    fingerprint: tuple = ()
+    failures: int = 0  # failed loads in a row
+    retry_at: float = 0.0  # time.monotonic() of the next load attempt after a failure
     servable: Servable | None = None
 
 
@@ -134,11 +135,15 @@ class _Lease:
 
 
 class ModelRegistry:
-    def __init__(self, base_path: str | Path, *, poll_seconds: float = 1.0, num_versions: int = 1,
+    def __init__(self, base_path, *, poll_seconds: float = 1.0, num_versions: int = 1,
                  require_signature: str = "serving_default",
-                 on_change: Callable[["ModelRegistry"], None] | None = None):
-        self.base_path = Path(base_path)
+                 on_change: Callable[["ModelRegistry"], None] | None = None,
+                 load_retry_seconds: float = DEFAULT_LOAD_RETRY_SECONDS,
+                 max_load_retry_seconds: float = DEFAULT_MAX_LOAD_RETRY_SECONDS):
+        self.base_path = storage.normalize(base_path)
         self.poll_seconds = poll_seconds
+        self.load_retry_seconds = max(0.0, load_retry_seconds)
+        self.max_load_retry_seconds = max(self.load_retry_seconds, max_load_retry_seconds)
         self.num_versions = max(1, num_versions)
         self.require_signature = require_signature
         self.on_change = on_change
@@ -223,34 +228,51 @@ class ModelRegistry:
                 log.exception("polling %s failed", self.base_path)
 
     def poll_once(self) -> None:
+        """One look at the base path. Listing errors (and a vanished base path) change nothing:
+        what serves keeps serving until a poll lists again."""
         with self._poll_lock:
-            if not self.base_path.is_dir():
-                log.warning("model base path %s does not exist (yet)", self.base_path)
-                names = set()
-            else:
-                names = {p.name for p in self.base_path.iterdir()
-                         if p.is_dir() and not p.name.startswith(".")}
+            try:
+                if not storage.exists(self.base_path):
+                    log.warning("model base path %s does not exist (yet); keeping %s",
+                                self.base_path, self.available() or "nothing loaded")
+                    return
+                names = {n for n in storage.listdir(self.base_path) if not n.startswith((".", "_"))}
+            except storage.StorageError as e:
+                log.warning("listing model base path failed, keeping %s and polling again: %s",
+                            self.available() or "nothing loaded", e)
+                return
             changed = False
             for name in sorted(names | set(self._models)):
                 changed |= self._reconcile(name)
             if changed and self.on_change is not None:
                 self.on_change(self)
 
-    def _on_disk(self, name: str) -> dict[int, Path]:
-        model_dir = self.base_path / name
-        found = {}
-        if model_dir.is_dir():
-            for p in model_dir.iterdir():
-                # Only a positive integer is a version: temp dirs of an exporter are skipped.
-                if p.is_dir() and p.name.isdigit() and int(p.name) > 0:
-                    found[int(p.name)] = p
-        return found
+    def _on_disk(self, name: str) -> dict[int, str] | None:
+        """Committed versions of model `name` -> version dir; None when listing failed."""
+        model_dir = storage.join(self.base_path, name)
+        try:
+            versions = artifacts.versions(model_dir)
+        except storage.StorageError as e:
+            log.warning("listing %s failed, keeping its versions and polling again: %s",
+                        model_dir, e)
+            return None
+        return {v: storage.join(model_dir, v) for v in versions}
 
     def _reconcile(self, name: str) -> bool:
         on_disk = self._on_disk(name)
         with self._lock:
+            serving = bool(self._serving.get(name))
+        if on_disk is None or (not on_disk and serving):
+            if on_disk is not None:
+                # Every version gone at once while one serves: a renamed or unreachable model
+                # directory rather than a retirement, which keeps serving (poll again).
+                log.warning("model %s: no committed version listed under %s; keeping %s",
+                            name, storage.join(self.base_path, name), self.available().get(name))
+            return False
+        with self._lock:
             records = self._models.setdefault(name, {})
         changed = False
+        now = time.monotonic()
         for version in sorted(on_disk, reverse=True):
             rec = records.get(version)
             if rec is not None and rec.servable is not None:
@@ -259,13 +281,10 @@ class ModelRegistry:
                 continue
             if self._newest_loaded_count(records, on_disk, above=version) >= self.num_versions:
                 break  # enough newer versions already serve: older ones are not aspired
-            path = on_disk[version]
-            fingerprint = dir_fingerprint(path)
-            if rec is not None and rec.error and rec.fingerprint == fingerprint:
-                continue  # failed before, files unchanged: do not retry
-            if not any((path / f).is_file() for f in SAVED_MODEL_FILES):
-                continue  # no saved_model.pb yet: being written, look again next poll
-            rec = VersionRecord(version, path, LOADING, fingerprint=fingerprint)
+            if rec is not None and rec.error and now < rec.retry_at:
+                continue  # failed before: retried once its backoff has passed
+            failures = rec.failures if rec is not None else 0
+            rec = VersionRecord(version, on_disk[version], LOADING, failures=failures)
             with self._lock:
                 records[version] = rec
             changed = True
@@ -274,37 +293,35 @@ class ModelRegistry:
         return changed
 
     @staticmethod
-    def _newest_loaded_count(records: dict[int, VersionRecord], on_disk: dict[int, Path],
+    def _newest_loaded_count(records: dict[int, VersionRecord], on_disk: dict[int, str],
                              above: int) -> int:
         return sum(1 for v, r in records.items()
                    if v > above and v in on_disk and r.servable is not None)
+
+    def _retry_delay(self, failures: int) -> float:
+        return min(self.max_load_retry_seconds, self.load_retry_seconds * 2 ** max(0, failures - 1))
 
     def _load(self, name: str, rec: VersionRecord) -> None:
         started = time.monotonic()
         log.info("loading %s version %d from %s", name, rec.version, rec.path)
         try:
             servable = Servable(name, rec.version, rec.path, self.require_signature)
-        except Exception as e:  # noqa: BLE001 - any failure means: do not serve this one
+        except Exception as e:  # noqa: BLE001 - any failure means: do not serve this one (yet)
             msg = f"{type(e).__name__}: {e}".strip()[:2000]
-            log.error("cannot load %s version %d (%s): %s", name, rec.version, rec.path, msg)
             with self._lock:
+                rec.failures += 1
+                delay = self._retry_delay(rec.failures)
                 rec.state, rec.error = END, msg
-            return
-        after = dir_fingerprint(rec.path)
-        if after != rec.fingerprint:
-            # Files changed while loading: something is still writing; try again next poll.
-            servable.release()
-            log.warning("%s version %d changed while loading; retrying next poll", name,
-                        rec.version)
-            with self._lock:
-                self._models[name].pop(rec.version, None)
+                rec.retry_at = time.monotonic() + delay
+            log.error("cannot load %s version %d (%s), attempt %d, retrying in %.1fs: %s",
+                      name, rec.version, rec.path, rec.failures, delay, msg)
             return
         with self._lock:
-            rec.servable = servable
+            rec.servable, rec.failures, rec.error = servable, 0, ""
         log.info("loaded %s version %d in %.2fs (signatures %s)", name, rec.version,
                  time.monotonic() - started, sorted(servable.functions))
 
-    def _swap(self, name: str, on_disk: dict[int, Path]) -> bool:
+    def _swap(self, name: str, on_disk: dict[int, str]) -> bool:
         """Makes the newest loaded versions current in one assignment; retires the others."""
         with self._lock:
             records = self._models[name]

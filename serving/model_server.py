@@ -8,6 +8,10 @@ PredictionService / ModelService protos from tensorflow-serving-api, the same
 either unchanged. Adds what the project needs around it: grpc.health.v1 that says SERVING only
 once a version is loaded, Prometheus metrics, optional TLS, and a graceful drain on SIGTERM.
 
+The base path is any URI (local or gs://); only committed versions are loaded, failed loads
+are retried with backoff, and a storage error while polling keeps what serves
+(`serving.model_registry`).
+
 CLI: `ebr serve model --model-base-path MODEL_DIR [--port 8500] [--rest-port 8501]`
 (registered by serving/cli.py through `add_arguments` / `run`), or `python -m serving.model_server`.
 """
@@ -146,11 +150,14 @@ def start_model_server(model_base_path: str | Path, port: int = 0, *, host: str 
                        tls_cert: str | None = None, tls_key: str | None = None,
                        max_concurrency: int = 0, threads: int = 16, num_versions: int = 1,
                        require_signature: str = "serving_default",
-                       wait_for_models: bool = True) -> ModelServer:
+                       wait_for_models: bool = True, load_retry_seconds: float | None = None,
+                       max_load_retry_seconds: float | None = None) -> ModelServer:
     """Binds, then loads what the base path holds (health NOT_SERVING meanwhile), then polls.
 
     `port=0` / `rest_port=0` pick free ports (see `.port` / `.rest_port`); `rest_port=None` is
     no REST. `max_concurrency>0` bounds RPCs in progress (RESOURCE_EXHAUSTED beyond it).
+    A failed load is retried after `load_retry_seconds`, doubling up to `max_load_retry_seconds`
+    (None: the registry's defaults).
     """
     if bool(tls_cert) != bool(tls_key):
         raise ValueError("TLS needs both --tls-cert and --tls-key")
@@ -158,6 +165,7 @@ def start_model_server(model_base_path: str | Path, port: int = 0, *, host: str 
     from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
     from serving.model_handlers import ModelServerMetrics
+    from serving import model_registry
     from serving.model_registry import ModelRegistry
 
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
@@ -168,9 +176,13 @@ def start_model_server(model_base_path: str | Path, port: int = 0, *, host: str 
         for service in HEALTH_SERVICES:
             health_servicer.set(service, state)
 
-    registry = ModelRegistry(model_base_path, poll_seconds=poll_seconds,
-                             num_versions=num_versions, require_signature=require_signature,
-                             on_change=on_change)
+    registry = ModelRegistry(
+        str(model_base_path), poll_seconds=poll_seconds, num_versions=num_versions,
+        require_signature=require_signature, on_change=on_change,
+        load_retry_seconds=(model_registry.DEFAULT_LOAD_RETRY_SECONDS
+                            if load_retry_seconds is None else load_retry_seconds),
+        max_load_retry_seconds=(model_registry.DEFAULT_MAX_LOAD_RETRY_SECONDS
+                                if max_load_retry_seconds is None else max_load_retry_seconds))
     on_change(registry)
     metrics = ModelServerMetrics(registry)
     front = _Frontend(registry, metrics, max(max_message_bytes, 1 << 20))
@@ -219,7 +231,8 @@ def start_model_server(model_base_path: str | Path, port: int = 0, *, host: str 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-base-path", required=True,
-                        help="BASE with BASE/NAME/VERSION/saved_model.pb; every NAME is a model")
+                        help="BASE (any URI, e.g. gs://bucket/models) with committed "
+                             "BASE/NAME/VERSION/saved_model.pb; every NAME is a model")
     parser.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
     parser.add_argument("--port", type=int, default=8500, help="gRPC port (0 = any free port)")
     parser.add_argument("--rest-port", type=int, default=0,
@@ -236,6 +249,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="RPCs in progress before RESOURCE_EXHAUSTED (0 = unbounded queue, "
                              "as TF Serving)")
     parser.add_argument("--threads", type=int, default=16, help="gRPC worker threads")
+    parser.add_argument("--load-retry-seconds", type=float, default=1.0,
+                        help="first retry of a failed load; doubles per failure")
+    parser.add_argument("--max-load-retry-seconds", type=float, default=60.0,
+                        help="longest wait between retries of a failed load")
     parser.add_argument("--require-signature", default="serving_default",
                         help="a version without this signature is not loaded ('' = any)")
     parser.add_argument("--drain-seconds", type=float, default=10.0,
@@ -256,7 +273,9 @@ def run(args: argparse.Namespace) -> int:
             rest_port=args.rest_port or None, poll_seconds=args.poll_seconds,
             max_message_bytes=args.max_message_bytes, tls_cert=args.tls_cert,
             tls_key=args.tls_key, max_concurrency=args.max_concurrency, threads=args.threads,
-            num_versions=args.num_versions, require_signature=args.require_signature)
+            num_versions=args.num_versions, require_signature=args.require_signature,
+            load_retry_seconds=args.load_retry_seconds,
+            max_load_retry_seconds=args.max_load_retry_seconds)
         # One line a supervisor (or a test) can wait for; the port matters when --port 0.
         print(f"model server listening on port {handle.port}"
               + (f", REST port {handle.rest_port}" if handle.rest_port else ""), flush=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 from typing import Mapping
 
 import grpc
@@ -77,10 +76,12 @@ class RetrievalClient:
         self.address = address
         self.timeout = timeout
         if tls_ca or tls_cert:
+            from ebr import storage  # certificates on any URI
+
             creds = grpc.ssl_channel_credentials(
-                root_certificates=Path(tls_ca).read_bytes() if tls_ca else None,
-                private_key=Path(tls_key).read_bytes() if tls_key else None,
-                certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None)
+                root_certificates=storage.read_bytes(tls_ca) if tls_ca else None,
+                private_key=storage.read_bytes(tls_key) if tls_key else None,
+                certificate_chain=storage.read_bytes(tls_cert) if tls_cert else None)
             self.channel = grpc.secure_channel(address, creds)
         else:
             self.channel = grpc.insecure_channel(address)

@@ -8,10 +8,16 @@ with an optional boolean filter and radius.
 
 A *pair* (query-tower version, index version) serves every request; the index manifest names
 the model version its embeddings came from, and the service pins the model to that version. A
-poller watches INDEX_BASE for a newer index version, loads it with its model beside the serving
-pair, checks they agree (dimension, schema hash) and swaps one reference: requests in flight
-finish on the old pair, none is dropped. A mismatching pair is refused with a clear error and
-the old pair keeps serving (at start the process refuses to come up).
+poller lists INDEX_BASE's committed versions (`ebr.artifacts.versions`, any URI: local or
+gs://; a version counts once its `_COMMITTED` marker is written, docs/contracts.md "Commit
+protocol"), loads a newer one with its model beside the serving pair, checks they agree
+(`artifacts.check_compatible`: dimension, schema hash, model version) and swaps one reference:
+requests in flight finish on the old pair, none is dropped. A mismatching pair is refused with
+a clear error and the old pair keeps serving (at start the process refuses to come up); a
+version that fails to load (corrupt file, storage error) is retried with capped exponential
+backoff, and a storage error while listing is logged and skipped, the old pair serving on.
+The query tower comes from `--model MODEL_DIR` (committed tower versions, loaded in-process by
+`trainer.export.load_tower`) or from TF Serving at `--model-address`.
 
 Throughput on 2 cores comes from batching, not threads: the server is grpc.aio on one event
 loop thread, a request is a coroutine, and the RetrieveBatcher embeds *and* searches every
@@ -39,7 +45,6 @@ import signal
 import threading
 import time
 from concurrent import futures
-from pathlib import Path
 from typing import Callable, Sequence
 
 import grpc
@@ -48,7 +53,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from ebr import features
+from ebr import artifacts, features, storage
 from serving import embedder, retrieval_pb2
 
 log = logging.getLogger(__name__)
@@ -75,8 +80,11 @@ if set(SEARCHER_INPUTS.values()) | {TEXT_INPUT} != set(features.QUERY_INPUTS):
 
 @dataclasses.dataclass
 class ServeConfig:
-    index: str  # INDEX_BASE (newest version, polled) or INDEX_BASE/VERSION (fixed)
-    model: str | None = None  # MODEL_DIR/query_tower: in-process model, or metadata for remote
+    # Paths are URIs (local or gs://); only committed versions count (docs/contracts.md).
+    index: str  # INDEX_BASE (newest committed version, polled) or INDEX_BASE/VERSION (fixed)
+    # MODEL_DIR (or MODEL_DIR/query_tower): the in-process query tower, or, with
+    # model_address, where each served version's ebr_metadata.json is read from.
+    model: str | None = None
     model_address: str | None = None  # host:port of TF Serving / `ebr serve model`
     model_name: str = "query_tower"
     host: str = "[::]"
@@ -88,6 +96,10 @@ class ServeConfig:
     max_queue: int = 16
     max_k: int = 1_000
     poll_seconds: float = 1.0  # index version polling; 0 = never reload
+    # A new index version that fails to load is retried after retry_seconds, doubling per
+    # failure up to retry_max_seconds; the serving pair is kept meanwhile.
+    retry_seconds: float = 1.0
+    retry_max_seconds: float = 60.0
     drain_seconds: float = 10.0  # grace for in-flight requests on SIGTERM
     # On SIGTERM, report NOT_SERVING but keep answering this long before refusing new requests,
     # so load balancers / k8s endpoints stop routing here first (k8s: < terminationGracePeriod).
@@ -112,7 +124,7 @@ class InvalidRequest(ValueError):
         self.field = field
 
 
-class ModelIndexMismatch(ValueError):
+class ModelIndexMismatch(artifacts.ModelMismatch):
     """The query tower and the index were not built from the same model / schema."""
 
 
@@ -216,60 +228,176 @@ def _filter_parser():
 # Pair loading and reloading
 
 
-def index_versions(base: Path) -> list[int]:
-    """Complete index versions under INDEX_BASE (a version dir is renamed into place whole)."""
-    from index.persistence import versions
+def tower_base(model: str, model_name: str = "query_tower") -> str:
+    """`--model`: MODEL_DIR (-> MODEL_DIR/<model_name>) or MODEL_DIR/<tower> itself, any URI."""
+    model = storage.normalize(model)
+    return model if storage.basename(model) in artifacts.TOWERS else storage.join(model, model_name)
 
-    return versions(base)
+
+class _VersionDir(str):
+    """A version directory URI that answers `.name` like a Path (embedder.LocalEncoder reads
+    the version from it); pathlib itself would fold `gs://` into `gs:/`."""
+
+    @property
+    def name(self) -> str:
+        return storage.basename(self)
+
+
+class TowerSource:
+    """The query tower in-process, from `MODEL_DIR/query_tower` on any URI: its committed
+    versions (`artifacts.versions`: a version counts once both towers committed it, docs/
+    contracts.md section 3), each loaded by `trainer.export.load_tower` (embedder.LocalEncoder)."""
+
+    def __init__(self, base: str):
+        self.base = storage.normalize(base)
+        if not storage.isdir(self.base):
+            raise FileNotFoundError(f"model directory {self.base} does not exist")
+        self._cache: dict[int, embedder.LocalEncoder] = {}
+        self._lock = threading.Lock()
+
+    def versions(self) -> list[int]:
+        return artifacts.versions(self.base)
+
+    def open(self, version: int | None) -> "embedder.LocalEncoder":
+        version = embedder.pick_version(self.versions(), version,
+                                        f"committed under {self.base}")
+        with self._lock:
+            if version not in self._cache:
+                vdir = artifacts.resolve(storage.join(self.base, version), "query tower")
+                log.info("loading query tower", extra={"path": vdir})
+                self._cache[version] = embedder.LocalEncoder(_VersionDir(vdir))
+            return self._cache[version]
+
+    def release(self, keep: set[int]) -> None:
+        """Drops loaded versions no longer served (their memory goes once requests finish)."""
+        with self._lock:
+            for v in [v for v in self._cache if v not in keep]:
+                del self._cache[v]
+
+    def close(self) -> None:
+        self._cache.clear()
+
+
+class RemoteTowerSource(embedder.RemoteModelSource):
+    """The query tower behind TF Serving at `address`; `metadata_base` (the MODEL_DIR/query_tower
+    the model server reads, any URI) supplies each version's ebr_metadata.json so the schema
+    hash is checked against the index; without it only the dimension is (from the signature)."""
+
+    def __init__(self, address: str, model_name: str = "query_tower",
+                 metadata_base: str | None = None, tls_ca: str | None = None):
+        from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
+
+        self.address = address
+        self.model_name = model_name
+        self.metadata_dir = None
+        self.metadata_base = storage.normalize(metadata_base) if metadata_base else None
+        options = [("grpc.max_receive_message_length", 64 << 20)]
+        if tls_ca:
+            creds = grpc.ssl_channel_credentials(storage.read_bytes(tls_ca))
+            self.channel = grpc.secure_channel(address, creds, options=options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
+        self.predict_stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
+        self.model_stub = model_service_pb2_grpc.ModelServiceStub(self.channel)
+
+    def open(self, version: int | None) -> "embedder.RemoteEncoder":
+        version = embedder.pick_version(self.versions(), version,
+                                        f"AVAILABLE of {self.model_name} at {self.address}")
+        source = f"{self.address}/{self.model_name}/{version}"
+        if self.metadata_base is None:
+            return embedder.RemoteEncoder(self, embedder.ModelInfo(
+                version, self._dimension(version), None, source))
+        vdir = storage.join(self.metadata_base, version)
+        try:
+            meta = artifacts.read_model_metadata(vdir)
+        except artifacts.ArtifactError as e:  # served, but its export not (yet) readable here
+            raise embedder.ModelUnavailable(str(e)) from None
+        return embedder.RemoteEncoder(self, embedder.ModelInfo(
+            version, int(meta["dimension"]), str(meta["schema_hash"]), source))
+
+
+def open_model_source(config: "ServeConfig"):
+    """Remote when an address is set (metadata from --model when given), else in-process."""
+    base = tower_base(config.model, config.model_name) if config.model else None
+    if config.model_address:
+        return RemoteTowerSource(config.model_address, config.model_name, base,
+                                 config.model_tls_ca)
+    if base is None:
+        raise ValueError("set a model address (--model-address) or a model directory (--model)")
+    return TowerSource(base)
 
 
 def check_pair(model: embedder.ModelInfo, manifest: dict, index_path: str) -> None:
-    problems = []
-    if int(manifest.get("dimension", -1)) != model.dimension:
-        problems.append(f"dimension {model.dimension} (model) != "
-                        f"{manifest.get('dimension')} (index)")
-    if model.schema_hash is not None and manifest.get("schema_hash") != model.schema_hash:
-        problems.append(f"schema_hash {model.schema_hash} (model) != "
-                        f"{manifest.get('schema_hash')} (index)")
-    if problems:
-        raise ModelIndexMismatch(f"query tower {model.source} does not match index {index_path}: "
-                                 + "; ".join(problems))
+    """The query tower against the index manifest: same dimension and feature schema (and the
+    model version the index's embeddings came from, when it names one)."""
+    try:
+        artifacts.check_compatible(
+            f"query tower {model.source} and index {index_path}", manifest,
+            schema_hash=model.schema_hash, dimension=model.dimension,
+            model_version=model.version if manifest.get("model_version") is not None else None)
+    except artifacts.ModelMismatch as e:
+        raise ModelIndexMismatch(str(e)) from None
+
+
+def _isdir(uri: str) -> bool:
+    try:
+        return storage.isdir(uri)
+    except storage.StorageError:
+        return True  # unreachable now: a numeric last component names a version all the same
+
+
+@dataclasses.dataclass
+class _Failure:
+    """A new index version whose load failed: retried with exponential backoff."""
+    attempts: int
+    retry_at: float  # time.monotonic()
+    reason: str
 
 
 class PairManager:
-    """Holds the serving pair and swaps in newer index versions with their model."""
+    """Holds the serving pair and swaps in newer index versions with their model.
+
+    INDEX_BASE (any URI) is polled through `artifacts.versions`: committed versions only. A
+    new version that fails to load (corrupt or missing file, storage error) is retried with
+    exponential backoff (`retry_seconds` doubling up to `retry_max_seconds`) while the current
+    pair keeps serving; one that does not match its model is refused for good. A storage error
+    while listing is logged and the poll is skipped."""
 
     def __init__(self, index: str, source, *, on_change: Callable[[Pair], None],
-                 on_reload: Callable[[str], None] = lambda result: None):
-        self.index = Path(index)
+                 on_reload: Callable[[str], None] = lambda result: None,
+                 retry_seconds: float = 1.0, retry_max_seconds: float = 60.0):
+        self.index = storage.normalize(index)
         self.source = source
-        from index.persistence import MANIFEST
-
-        self.fixed = (self.index / MANIFEST).exists()  # a version dir, not a base
+        # INDEX_BASE/VERSION names one fixed version (artifacts.resolve's rule); else a base.
+        self.fixed = artifacts.is_version(storage.basename(self.index)) and _isdir(self.index)
         self.pair: Pair | None = None
         self.waiting_for = "index"  # what readiness waits for, for UNAVAILABLE messages
+        self.retry_seconds = max(float(retry_seconds), 0.01)
+        self.retry_max_seconds = max(float(retry_max_seconds), self.retry_seconds)
         self._on_change = on_change
         self._on_reload = on_reload
         self._refused: dict[int, str] = {}  # index version -> reason (not retried)
+        self._failed: dict[int, _Failure] = {}  # index version -> backoff state
         self._waiting: set = set()  # index versions already reported as waiting for a model
+        self._list_error: str | None = None  # the last listing error (logged once per streak)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _load(self, version: int | None) -> Pair:
         import index as index_pkg
 
-        path = self.index if version is None else self.index / str(version)
-        searcher = index_pkg.open_index(str(path))
+        path = self.index if version is None else storage.join(self.index, version)
+        searcher = index_pkg.open_index(path)
         manifest = dict(searcher.manifest)
         model_version = manifest.get("model_version")
         encoder = self.source.open(int(model_version) if model_version is not None else None)
-        check_pair(encoder.info, manifest, str(path))
+        check_pair(encoder.info, manifest, searcher.path)
         # Warm up before the pair takes traffic: the first call of a loaded SavedModel traces
         # and allocates (tens of ms), which must not land on a request.
         encoder.embed(embedder.build_inputs([{}]), timeout=30.0)
         if version is None:
-            version = int(manifest.get("version", path.name if path.name.isdigit() else 0))
-        return Pair(encoder, searcher, version, str(path), str(manifest.get("backend", "")))
+            version = artifacts.version_of(searcher.path)
+        return Pair(encoder, searcher, version, searcher.path, str(manifest.get("backend", "")))
 
     def _swap(self, pair: Pair) -> None:
         old, self.pair = self.pair, pair
@@ -282,17 +410,39 @@ class PairManager:
                                         [old.index_version, old.model_version]})
         self._on_change(pair)
 
+    def _list(self) -> list[int] | None:
+        """Committed index versions, or None after a (logged) storage error."""
+        try:
+            versions = artifacts.versions(self.index)
+        except Exception as e:  # noqa: BLE001 - StorageError mostly; never stops the poller
+            if self._list_error != str(e):  # once per streak of the same error, not per poll
+                log.warning("cannot list index versions; the serving pair is kept",
+                            extra={"index": self.index, "reason": str(e)})
+            self._list_error = str(e)
+            if self.pair is None:
+                self.waiting_for = f"an index version under {self.index} ({e})"
+            self._on_reload("list-error")
+            return None
+        if self._list_error is not None:
+            log.info("index versions listed again", extra={"index": self.index})
+            self._list_error = None
+        return versions
+
     def poll_once(self, *, at_start: bool = False) -> str:
         """Loads the newest index version if it is new; returns what happened.
 
         A mismatch raises at start and is refused (logged, old pair kept) afterwards; a model
-        version the index needs that is not available yet is retried on the next poll."""
+        version the index needs that is not available yet is retried on the next poll; any
+        other failure to load a new version (at start too: the service comes up NOT_SERVING)
+        is retried with backoff. A fixed INDEX_BASE/VERSION that fails at start raises."""
         if self.fixed:
             if self.pair is not None:
                 return "current"
             target = None
         else:
-            versions = index_versions(self.index)
+            versions = self._list()
+            if versions is None:
+                return "list-error"
             if not versions:
                 self.waiting_for = f"an index version under {self.index}"
                 return "no-index"
@@ -301,6 +451,9 @@ class PairManager:
                 return "current"
             if target in self._refused:
                 return "refused"
+            failure = self._failed.get(target)
+            if failure is not None and time.monotonic() < failure.retry_at:
+                return "backoff"
         try:
             pair = self._load(target)
         except embedder.ModelUnavailable as e:
@@ -311,7 +464,7 @@ class PairManager:
                             extra={"index_version": target, "reason": str(e)})
                 self._on_reload("waiting")
             return "waiting"
-        except (ModelIndexMismatch, ValueError, OSError) as e:
+        except (ModelIndexMismatch, artifacts.ModelMismatch) as e:
             if at_start or target is None:
                 raise
             self._refused[target] = str(e)
@@ -319,9 +472,29 @@ class PairManager:
                       extra={"index_version": target, "reason": str(e)})
             self._on_reload("refused")
             return "refused"
+        except Exception as e:  # noqa: BLE001 - corrupt files, storage errors, reader failures
+            if target is None:  # a fixed INDEX_BASE/VERSION that cannot load: nothing to retry
+                raise
+            return self._failed_load(target, e)
+        self._failed.pop(target, None)
         self._swap(pair)
         self._on_reload("ok")
         return "loaded"
+
+    def _failed_load(self, target: int, e: Exception) -> str:
+        previous = self._failed.get(target)
+        attempts = previous.attempts + 1 if previous else 1
+        delay = min(self.retry_max_seconds, self.retry_seconds * 2 ** (attempts - 1))
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        self._failed[target] = _Failure(attempts, time.monotonic() + delay, reason)
+        if self.pair is None:
+            self.waiting_for = f"index version {target} to load ({reason})"
+        log.error("new index version failed to load; previous pair keeps serving",
+                  extra={"index_version": target, "attempt": attempts,
+                         "retry_in_seconds": round(delay, 3), "reason": reason,
+                         "error": type(e).__name__})
+        self._on_reload("failed")
+        return "failed"
 
     def start_polling(self, every: float) -> None:
         if self.fixed or every <= 0:
@@ -757,10 +930,11 @@ class RetrievalServer:
     def __init__(self, config: ServeConfig, *, ensemble_registry: dict | None = None):
         self.config = config
         self.metrics = Metrics()
-        self.source = embedder.open_source(config.model, config.model_address, config.model_name,
-                                           config.model_tls_ca)
+        self.source = open_model_source(config)
         self.manager = PairManager(config.index, self.source, on_change=self._on_change,
-                                   on_reload=lambda r: self.metrics.reloads.labels(r).inc())
+                                   on_reload=lambda r: self.metrics.reloads.labels(r).inc(),
+                                   retry_seconds=config.retry_seconds,
+                                   retry_max_seconds=config.retry_max_seconds)
         self.health = health_aio.HealthServicer()
         registry = ensembles if ensemble_registry is None else ensemble_registry
         self.servicer = RetrievalServicer(self.manager, self.metrics, config, registry)
@@ -813,9 +987,9 @@ class RetrievalServer:
         if cfg.tls_cert or cfg.tls_key:
             if not (cfg.tls_cert and cfg.tls_key):
                 raise ValueError("TLS needs both --tls-cert and --tls-key")
-            client_ca = Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None
+            client_ca = storage.read_bytes(cfg.tls_client_ca) if cfg.tls_client_ca else None
             creds = grpc.ssl_server_credentials(
-                [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())],
+                [(storage.read_bytes(cfg.tls_key), storage.read_bytes(cfg.tls_cert))],
                 root_certificates=client_ca, require_client_auth=client_ca is not None)
             port = server.add_secure_port(address, creds)
         else:

@@ -330,7 +330,11 @@ class GcsEmulator:
             "GCE_METADATA_HOST": front,
             "GCE_METADATA_IP": front,
             "GOOGLE_CLOUD_PROJECT": PROJECT,
-            # Bounded request loops: TensorFlow's GCS retries (default 10, up to 32 s apart).
+            # Bounded request loops: TensorFlow's GCS retries (default 10, up to 32 s apart) and
+            # timeouts (default: a request may sit idle 60 s, a listing 3600 s).
+            "GCS_REQUEST_CONNECTION_TIMEOUT_SECS": "10",
+            "GCS_REQUEST_IDLE_TIMEOUT_SECS": "20",
+            "GCS_METADATA_REQUEST_TIMEOUT_SECS": "20",
             "GCS_RETRY_CONFIG_MAX_RETRIES": "3",
             "GCS_RETRY_CONFIG_INIT_DELAY_TIME_US": "100000",
             "GCS_RETRY_CONFIG_MAX_DELAY_TIME_US": "1000000",

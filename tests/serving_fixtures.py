@@ -1,7 +1,8 @@
 """Real model/index pairs for the serving tests: a tiny trained two-tower model exported with
 `trainer.export.export_towers`, its doc tower run over a small corpus, and the embeddings
 indexed with `index.build_index`. Versions are published the way the real stages publish them
-(temp dir, then rename) so the services' pollers see what production would.
+(staged locally, uploaded, `_COMMITTED` last: `ebr.artifacts`) so the services' pollers see what
+production would.
 """
 from __future__ import annotations
 
@@ -90,9 +91,28 @@ class Stack:
         self._doc_cache[version] = ids, X, terms
         return ids, X, terms
 
+    def republish_model(self, version: int, as_version: int) -> None:
+        """Publishes the towers of `version` again as `as_version` (same weights), the way
+        `trainer.export` publishes (`artifacts.publish_towers`)."""
+        import json
+        import tempfile
+
+        from ebr import artifacts
+
+        with tempfile.TemporaryDirectory() as staging:
+            staged = {}
+            for tower in artifacts.TOWERS:
+                dst = Path(staging) / tower
+                shutil.copytree(self.model_dir / tower / str(version), dst,
+                                ignore=shutil.ignore_patterns(artifacts.COMMIT_MARKER))
+                meta = json.loads((dst / artifacts.MODEL_METADATA).read_text())
+                (dst / artifacts.MODEL_METADATA).write_text(json.dumps(dict(meta, version=as_version)))
+                staged[tower] = str(dst)
+            artifacts.publish_towers(staged, str(self.model_dir), as_version)
+
     def publish_index(self, version: int, model_version: int, *, dimension: int | None = None,
                       schema_hash: str | None = None, backend: str = "exact",
-                      base: Path | None = None) -> Path:
+                      base=None) -> str:
         """Indexes the doc tower's embeddings of `model_version` as INDEX_BASE/`version`.
 
         `dimension` / `schema_hash` forge a mismatching index (random vectors, other schema)."""
@@ -108,8 +128,8 @@ class Stack:
         shutil.rmtree(emb, ignore_errors=True)
         write_embeddings(emb, ids, X, terms, schema_hash=schema_hash or features.schema_hash(),
                          model_version=model_version)
-        path = Path(index.build_index(str(emb), str(base or self.index_base), backend=backend))
-        assert path.name == str(version), f"published {path}, expected version {version}"
+        path = index.build_index(str(emb), str(base or self.index_base), backend=backend)
+        assert path.rsplit("/", 1)[-1] == str(version), f"published {path}, expected {version}"
         return path
 
 

@@ -1,7 +1,9 @@
 """`ebr embed` (beam_pipelines/embed.py): a real exported doc tower over a real corpus written by
 `ebr pipeline examples`; embeddings equal the tower's own output, filter terms follow the
-schema, bad corpus records are dead-lettered with their file, and a model of another schema
-or a missing model is refused before any run."""
+schema, bad corpus records are dead-lettered with their file, a model of another schema or a
+missing model is refused before any run, every accepted form of --corpus, versioned output
+(new version per run, the newest 2 kept, a killed run leaving the previous version readable)
+and the same run on gs:// (the Cloud Storage emulator)."""
 import gzip
 import json
 import os
@@ -11,8 +13,8 @@ import numpy as np
 import pytest
 
 from beam_pipelines import embed, examples, split, tfrecords
-from ebr import cli, features
-from test_examples_pipeline import read_examples  # plain-Python TFRecord reader
+from ebr import artifacts, cli, features, storage
+from test_examples_pipeline import _kill_mid_publish, read_examples
 
 DIM = 16
 
@@ -65,7 +67,7 @@ def embedded(tmp_path_factory):
     generate_social(base / "raw", documents=150, sessions=200, seed=3, progress=False)
     out = str(base / "out")
     examples.run(examples.ExamplesConfig(str(base / "raw"), out, split.SplitConfig()))
-    docs = _corpus_docs(out)
+    docs = _corpus_docs(artifacts.resolve(out, "examples"))
     queries = [{"query": "john", "searcher_id": "u1", "searcher_friends": ["u2", "u3"]},
                {"query": "", "history_doc_ids": ["p1"]}]
     tower_path = _tiny_model_dir(str(base / "models"), docs, queries)
@@ -73,7 +75,7 @@ def embedded(tmp_path_factory):
     # The corpus plus one extra shard holding a record that is not an Example and an Example
     # without doc_id: both must be dead-lettered, naming that file.
     corpus = base / "corpus"
-    shutil.copytree(os.path.join(out, "corpus"), corpus)
+    shutil.copytree(os.path.join(artifacts.resolve(out, "examples"), "corpus"), corpus)
     bad_shard = str(corpus / "documents-bad-00000-of-00001.tfrecord.gz")
     no_id = features.make_example({"doc_text": "nameless", "doc_type": "page"})
     with gzip.open(bad_shard, "wb") as f:
@@ -82,6 +84,7 @@ def embedded(tmp_path_factory):
     code = cli.main(["embed", "--model", str(base / "models" / "doc_tower"), "--corpus",
                      str(corpus), "--output", emb_dir, "--batch-size", "64"])
     assert code == 0
+    assert artifacts.resolve(emb_dir, "embeddings") == os.path.join(emb_dir, "1")
     return base, docs, tower_path, bad_shard, emb_dir
 
 
@@ -110,11 +113,12 @@ def test_bad_corpus_records_are_dead_lettered_with_their_file(embedded):
     _, docs, _, bad_shard, emb_dir = embedded
     import glob
 
-    dead = [json.loads(line) for p in glob.glob(os.path.join(emb_dir, "dead_letter", "*.jsonl"))
+    vdir = artifacts.resolve(emb_dir, "embeddings")
+    dead = [json.loads(line) for p in glob.glob(os.path.join(vdir, "dead_letter", "*.jsonl"))
             for line in open(p) if line.strip()]
     assert sorted(d["reason"] for d in dead) == sorted([embed.UNPARSABLE, embed.MISSING_DOC_ID])
     assert all(d["file"] == bad_shard and d["detail"] for d in dead)
-    meta = json.load(open(os.path.join(emb_dir, "embeddings.json")))
+    meta = json.load(open(os.path.join(vdir, "embeddings.json")))
     assert meta["records_in"] == len(docs) + 2
     assert meta["records_in"] == meta["count"] + meta["records_dead"]
     assert not [p for p in os.listdir(os.path.dirname(emb_dir)) if ".tmp-" in p]
@@ -149,3 +153,70 @@ def test_model_of_another_schema_or_missing_is_refused(embedded, tmp_path):
     assert path.endswith("/doc_tower/1") and meta["version"] == 1
     with pytest.raises(FileNotFoundError, match="no corpus files"):
         embed.corpus_pattern(str(tmp_path))
+
+
+def test_corpus_forms(embedded):
+    base, *_ = embedded
+    ex = str(base / "out")
+    v1 = artifacts.resolve(ex, "examples")
+    want = os.path.join(v1, "corpus", embed.CORPUS_GLOB)
+    for form in (ex, v1, os.path.join(ex, "corpus"), os.path.join(v1, "corpus")):
+        assert embed.resolve_corpus(form)[0] == want, form
+    assert embed.resolve_corpus(ex) == (want, v1)
+    glob_form = os.path.join(v1, "corpus", "documents-*")
+    assert embed.resolve_corpus(glob_form) == (glob_form, None)
+    with pytest.raises(FileNotFoundError, match="no corpus files"):
+        embed.resolve_corpus(os.path.join(v1, "corpus", "nothing-*"))
+
+
+def test_rerun_commits_new_versions_and_a_killed_run_leaves_the_previous_one(embedded):
+    base, docs, _, _, _ = embedded
+    emb = str(base / "emb_versions")
+    argv = ["embed", "--model", str(base / "models" / "doc_tower"), "--corpus",
+            str(base / "out"), "--output", emb, "--batch-size", "64"]
+    assert cli.main(argv) == 0
+    ids1, X1, _, meta1 = read_embeddings_checked(emb, 1)
+    _kill_mid_publish(argv, os.path.join(emb, "2"))
+    assert artifacts.resolve(emb, "embeddings") == os.path.join(emb, "1")
+    assert artifacts.uncommitted(emb) == [2]
+    ids, X, _, meta = read_embeddings_checked(emb, 1)
+    assert ids == ids1 and meta == meta1
+    np.testing.assert_array_equal(X, X1)
+    # the next run removes the leftover and commits in its place; a third prunes version 1
+    assert cli.main(argv) == 0
+    assert artifacts.versions(emb) == [1, 2] and artifacts.uncommitted(emb) == []
+    ids2, X2, _, _ = read_embeddings_checked(emb, 2)
+    assert sorted(ids2) == sorted(ids1) == sorted(d["doc_id"] for d in docs)
+    assert cli.main(argv) == 0
+    assert artifacts.versions(emb) == [2, 3] and artifacts.all_versions(emb) == [2, 3]
+    read_embeddings_checked(emb, 3)
+
+
+def read_embeddings_checked(emb: str, version: int):
+    from index.embeddings import read_embeddings
+
+    vdir = artifacts.resolve(emb, "embeddings")
+    assert vdir == os.path.join(emb, str(version))
+    artifacts.verify(vdir)
+    return read_embeddings(emb)
+
+
+def test_embed_on_gcs(embedded, gcs_root):
+    """Model, examples and embeddings on gs://: the same embeddings as the local run."""
+    from index.embeddings import read_embeddings
+
+    base, _, tower_path, _, emb_dir = embedded
+    model = storage.join(gcs_root, "models", "doc_tower")
+    artifacts.publish_dir(tower_path, model, version=1, last=(artifacts.SAVED_MODEL,))
+    ex = storage.join(gcs_root, "examples")
+    artifacts.publish_dir(artifacts.resolve(str(base / "out"), "examples"), ex, version=1)
+    emb = storage.join(gcs_root, "emb")
+    summary = embed.run(embed.EmbedConfig(model=model, corpus=ex, output=emb, batch_size=64,
+                                          num_shards=1))
+    assert summary["output"] == f"{emb}/1" and summary["examples"] == f"{ex}/1"
+    artifacts.verify(f"{emb}/1")
+    ids, X, terms, meta = read_embeddings(emb)
+    lids, LX, lterms, _ = read_embeddings(emb_dir)
+    order = {d: i for i, d in enumerate(lids)}
+    assert sorted(ids) == sorted(lids) and meta["model_version"] == 1
+    np.testing.assert_allclose(X, LX[[order[d] for d in ids]], rtol=1e-5, atol=1e-6)

@@ -98,9 +98,12 @@ def test_exported_weighted_concat_tower(towers, tmp_path):
     from serving.embedder import LocalEncoder, build_inputs
 
     _, a, b = towers
+    from ebr import artifacts
+
     out = ens.export_weighted_concat([str(a), str(b)], [0.5, 2.0], str(tmp_path / "query_tower"))
-    assert out == tmp_path / "query_tower" / "1"
-    meta = json.loads((out / "ebr_metadata.json").read_text())
+    assert out == str(tmp_path / "query_tower" / "1")
+    assert artifacts.is_committed(out) and artifacts.read_commit(out)["model_name"] == "query_tower"
+    meta = json.loads((tmp_path / "query_tower" / "1" / "ebr_metadata.json").read_text())
     assert meta["dimension"] == 12 and meta["config"]["alphas"] == [0.5, 2.0]
     inputs = build_inputs(QUERIES)
     ea = LocalEncoder(a / "1").embed(inputs)
@@ -111,7 +114,12 @@ def test_exported_weighted_concat_tower(towers, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
     with pytest.raises(FileExistsError):
         ens.export_weighted_concat([str(a), str(b)], [1.0, 1.0], str(tmp_path / "query_tower"))
-    assert sorted(p.name for p in (tmp_path / "query_tower").iterdir()) == ["1"]  # no temp left
+    assert sorted(p.name for p in (tmp_path / "query_tower").iterdir()) == ["1"]  # nothing left
+    # Members resolve through the commit markers: an uncommitted member version is refused.
+    (a / "2").mkdir()
+    with pytest.raises(ValueError, match="not committed"):
+        ens.export_weighted_concat([str(a / "2"), str(b)], [1.0, 1.0], str(tmp_path / "other"))
+    (a / "2").rmdir()
 
 
 def test_registry_entries_for_the_retrieval_service(towers, tmp_path):

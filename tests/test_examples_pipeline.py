@@ -1,16 +1,22 @@
 """`ebr pipeline examples` (beam_pipelines/examples.py): every bad-input class dead-lettered with
 nothing lost, examples and corpus content, history without leakage, a reproducible split, the
-2-worker multi-processing runner equal to in-memory, and reruns that leave no stale files."""
+2-worker multi-processing runner equal to in-memory, reruns that commit new versions with no
+stale files (the oldest pruned beyond 2), a run killed mid-publish that leaves the previous
+version readable, and the same flow on gs:// (the Cloud Storage emulator)."""
 import collections
 import glob
 import gzip
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 from beam_pipelines import example_bytes, examples, options, rawlog, split
-from ebr import cli, features
+from ebr import artifacts, cli, features, storage
 
 # ---------------------------------------------------------------------------------------------
 # A hand-written raw directory holding every bad-input class, with the reason each line gets.
@@ -142,7 +148,9 @@ def bad_run(tmp_path_factory):
     code = cli.main(["pipeline", "examples", "--input", str(base / "raw"), "--output", out,
                      "--eval-fraction", str(EVAL_FRACTION), "--history", str(HISTORY)])
     assert code == 0
-    return paths, out, json.load(open(os.path.join(out, "stats.json")))
+    vdir = artifacts.resolve(out, "examples")
+    assert vdir == os.path.join(out, "1")
+    return paths, vdir, json.load(open(os.path.join(vdir, "stats.json")))
 
 
 def test_every_bad_input_class_is_dead_lettered_with_file_line_reason(bad_run):
@@ -271,7 +279,7 @@ def social(tmp_path_factory):
     out = str(base / "out")
     stats = examples.run(examples.ExamplesConfig(str(base / "raw"), out,
                                                  split.SplitConfig(eval_fraction=0.25)))
-    return base, out, stats
+    return base, artifacts.resolve(out, "examples"), stats
 
 
 def _raw_sessions(raw_dir):
@@ -318,6 +326,7 @@ def test_multiprocessing_two_workers_matches_in_memory(social):
     examples.run(examples.ExamplesConfig(str(base / "raw"), out_mp,
                                          split.SplitConfig(eval_fraction=0.25)),
                  ["--direct_running_mode=multi_processing", "--direct_num_workers=2"])
+    out_mp = artifacts.resolve(out_mp, "examples")
     a, b = all_outputs(out), all_outputs(out_mp)
     assert a == b
     assert len(a["train"]) > 500 and a["impressions/train"] and a["eval"]
@@ -327,26 +336,113 @@ def test_multiprocessing_two_workers_matches_in_memory(social):
     assert "--direct_running_mode=multi_processing" in sb["runner"]
 
 
-def test_rerun_over_same_output_leaves_no_stale_files(tmp_path):
+def _files(vdir) -> list[str]:
+    return sorted(os.path.relpath(p, vdir) for p in glob.glob(os.path.join(vdir, "**"),
+                                                              recursive=True)
+                  if os.path.isfile(p))
+
+
+def test_rerun_over_same_output_commits_a_new_version_with_no_stale_files(tmp_path):
     write_raw(tmp_path / "raw")
     out = str(tmp_path / "out")
     first = examples.run(examples.ExamplesConfig(str(tmp_path / "raw"), out, num_shards=3))
-    assert first["split"]["method"] == split.HASH
-    assert len(glob.glob(os.path.join(out, "train", "*-of-00003.tfrecord.gz"))) == 3
+    v1 = artifacts.resolve(out, "examples")
+    assert first["split"]["method"] == split.HASH and first["output"] == v1
+    assert len(glob.glob(os.path.join(v1, "train", "*-of-00003.tfrecord.gz"))) == 3
     cutoff = 200
     second = examples.run(examples.ExamplesConfig(
         str(tmp_path / "raw"), out, split.SplitConfig(split.TIME, time_cutoff=cutoff),
         num_shards=1))
-    files = sorted(os.path.relpath(p, out) for p in glob.glob(os.path.join(out, "**"),
-                                                               recursive=True)
-                   if os.path.isfile(p))
+    v2 = artifacts.resolve(out, "examples")
+    assert v2 == os.path.join(out, "2") and artifacts.versions(out) == [1, 2]
+    files = _files(v2)
     assert not [f for f in files if "-of-00003" in f]
     assert all("-of-00001" in f for f in files if f.endswith((".gz", ".tsv", ".jsonl")))
-    assert json.load(open(os.path.join(out, "split.json")))["method"] == split.TIME
+    assert not [f for f in files if f.startswith(("_counts", "beam-temp"))]
+    assert set(artifacts.read_commit(v2)["files"]) == set(files) - {artifacts.COMMIT_MARKER}
+    assert json.load(open(os.path.join(v2, "split.json")))["method"] == split.TIME
     assert second["totals"] == first["totals"]
-    assert all(e["timestamp"][0] >= cutoff for e in read_examples(out, "eval"))
-    assert all(e["timestamp"][0] < cutoff for e in read_examples(out, "train"))
-    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p or ".old-" in p]
+    assert all(e["timestamp"][0] >= cutoff for e in read_examples(v2, "eval"))
+    assert all(e["timestamp"][0] < cutoff for e in read_examples(v2, "train"))
+    # The previous version stays readable (keep=2) until a third run prunes it.
+    assert json.load(open(os.path.join(v1, "split.json")))["method"] == split.HASH
+    examples.run(examples.ExamplesConfig(str(tmp_path / "raw"), out, num_shards=1))
+    assert artifacts.versions(out) == [2, 3] and artifacts.all_versions(out) == [2, 3]
+    assert not os.path.exists(v1)
+    assert sorted(os.listdir(tmp_path)) == ["out", "raw"]  # no temp or old copies beside OUT
+
+
+def _kill_mid_publish(argv: list[str], vdir: str, env: dict | None = None,
+                      timeout: float = 300) -> None:
+    """Runs `ebr ARGV` in a subprocess and SIGKILLs it once `vdir` (the version it writes)
+    has content, before its commit marker appears."""
+    log = open(os.path.join(os.path.dirname(vdir) + ".kill.log"), "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "ebr.cli", *argv], stdout=log,
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    marker = os.path.join(vdir, artifacts.COMMIT_MARKER)
+    deadline = time.monotonic() + timeout
+    try:
+        while not (os.path.isdir(vdir) and os.listdir(vdir)):
+            assert proc.poll() is None, (
+                f"ebr exited ({proc.returncode}) before {vdir} appeared: "
+                + open(log.name, errors="replace").read()[-2000:])
+            assert time.monotonic() < deadline, f"{vdir} did not appear within {timeout}s"
+            time.sleep(0.01)
+        assert not os.path.exists(marker), "the run committed before it could be killed"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        log.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert os.path.isdir(vdir) and not os.path.exists(marker)
+
+
+def test_run_killed_mid_publish_leaves_previous_version_and_next_run_cleans_up(tmp_path):
+    write_raw(tmp_path / "raw")
+    out = str(tmp_path / "out")
+    first = examples.run(examples.ExamplesConfig(str(tmp_path / "raw"), out))
+    v1 = artifacts.resolve(out, "examples")
+    before = all_outputs(v1)
+    _kill_mid_publish(["pipeline", "examples", "--input", str(tmp_path / "raw"),
+                       "--output", out], os.path.join(out, "2"))
+    # Readers still resolve and read the previous version; the leftover is ignored.
+    assert artifacts.resolve(out, "examples") == v1
+    assert artifacts.uncommitted(out) == [2]
+    assert all_outputs(artifacts.resolve(out, "examples")) == before
+    with pytest.raises(artifacts.UncommittedVersion, match="not committed"):
+        artifacts.resolve(os.path.join(out, "2"), "examples")
+    leftover = os.path.join(out, "2", "left-by-the-killed-run")
+    open(leftover, "w").write("x")
+    # The next writer removes the leftover and commits a new version in its place.
+    second = examples.run(examples.ExamplesConfig(str(tmp_path / "raw"), out))
+    v2 = artifacts.resolve(out, "examples")
+    assert v2 == os.path.join(out, "2") and artifacts.versions(out) == [1, 2]
+    assert artifacts.uncommitted(out) == [] and not os.path.exists(leftover)
+    artifacts.verify(v2)
+    assert all_outputs(v2) == before and second["totals"] == first["totals"]
+
+
+def test_examples_on_gcs(gcs_root, tmp_path):
+    """Raw logs in and examples out on gs:// (Beam's gcsio sinks, ebr.storage in the driver)."""
+    import tensorflow as tf
+
+    paths = write_raw(tmp_path / "raw")
+    raw = storage.join(gcs_root, "raw")
+    for path in paths.values():
+        storage.copy_file(path, storage.join(raw, os.path.basename(path)))
+    out = storage.join(gcs_root, "examples")
+    stats = examples.run(examples.ExamplesConfig(raw, out, num_shards=1))
+    vdir = artifacts.resolve(out, "examples")
+    assert vdir == f"{out}/1" and stats["output"] == vdir
+    artifacts.verify(vdir)
+    got = storage.read_json(storage.join(vdir, "stats.json"))
+    assert got["totals"] == stats["totals"] and got["files"][f"{raw}/sessions.jsonl"]
+    train = storage.glob(storage.join(vdir, "train", "examples-*.tfrecord.gz"))
+    rows = [features.parse_example(r.numpy())
+            for r in tf.data.TFRecordDataset(train, compression_type="GZIP")]
+    assert len(rows) == stats["written"]["train"] > 0
+    assert not [f for f in storage.walk_files(vdir) if f.startswith(("_counts", "beam-temp"))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,9 +465,10 @@ def test_refuses_to_replace_an_unrelated_directory(tmp_path):
     write_raw(tmp_path / "raw")
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "thesis.tex").write_text("precious")
-    with pytest.raises(ValueError, match="refusing to replace"):
+    with pytest.raises(ValueError, match="refusing"):
         examples.run(examples.ExamplesConfig(str(tmp_path / "raw"), str(tmp_path / "home")))
     assert (tmp_path / "home" / "thesis.tex").read_text() == "precious"
+    assert os.listdir(tmp_path / "home") == ["thesis.tex"]
 
 
 def test_empty_query_allowed_only_when_asked():

@@ -37,3 +37,26 @@ def test_sharded_build_and_search_equal_single_build(tmp_path):
     for q in np.nonzero(~same)[0]:
         assert set(I3[q]) == set(I1[q]) or np.unique(D1[q]).size < 10
     assert same.mean() > 0.95
+
+
+def test_sharded_cli_build_publishes_a_committed_version(tmp_path, capsys):
+    """`ebr index build --shards N` publishes through the same path as a single build."""
+    import json
+
+    from ebr import artifacts
+    from ebr.cli import main
+    from index import open_index
+    from index.embeddings import write_embeddings
+
+    ids, X, terms, Q = corpus()
+    emb = write_embeddings(tmp_path / "EMB", ids[:4000], X[:4000], terms[:4000],
+                           schema_hash="abc", model_version=3)
+    base = tmp_path / "INDEX"
+    assert main(["index", "build", "--embeddings", str(emb), "--output", str(base),
+                 "--shards", "2", "--factory", "IVF16,PQ8"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out == {"index": str(base / "1"), "shards": 2}
+    assert artifacts.versions(str(base)) == [1]
+    s = open_index(base)
+    assert (s.manifest["count"], s.manifest["model_version"]) == (4000, 3)
+    assert len(s.search(Q[:3], 5).doc_ids[0]) == 5

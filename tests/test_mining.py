@@ -1,4 +1,8 @@
-"""The offline hard-negative window: ranks, exclusion of positives, the easy:hard ratio."""
+"""The offline hard-negative window: ranks, exclusion of positives, the easy:hard ratio, and
+`ebr mine-negatives` end to end (examples artifact in, a new examples version out)."""
+import json
+import os
+
 import numpy as np
 import pytest
 from tower_fixtures import write_hashed_query_tower
@@ -134,10 +138,14 @@ def mining_setup(tmp_path_factory):
                          "doc_id": doc_ids[int(rng.integers(N_DOCS))], "timestamp": i,
                          "history_doc_ids": [doc_ids[int(j)] for j in rng.integers(0, N_DOCS, 3)],
                          "doc_sampling_prob": 0.01})
-    ex_dir = root / "examples"
+    from ebr import artifacts
+
+    ex_dir = root / "examples" / "1"  # an examples artifact, version 1 (docs/contracts.md 2)
     _write_examples(ex_dir / "train", examples)
     _write_examples(ex_dir / "eval", examples[:5])
     (ex_dir / "split.json").write_text('{"method": "hash"}')
+    (ex_dir / "doc_frequencies-00000-of-00001.tsv").write_text("d1\t1\t1.0\n")
+    artifacts.commit(str(ex_dir))
     return root, examples, X, doc_ids
 
 
@@ -150,8 +158,13 @@ def test_mine_negatives_pipeline_window_exclusions_and_ratio(mining_setup):
                      index=str(root / "index"), output=str(root / "mined"), batch_size=16,
                      mining=mining.MiningConfig(window_start=11, window_end=60, per_query=3,
                                                 ratio="1:1", seed=5))
+    from ebr import artifacts
+
     summary = run(cfg)
-    out = _read_examples(str(root / "mined" / "train" / "*.tfrecord.gz"))
+    mined = artifacts.resolve(str(root / "mined"), "examples")
+    assert summary["output"] == mined == str(root / "mined" / "1")
+    assert summary["examples"] == str(root / "examples" / "1")
+    out = _read_examples(os.path.join(mined, "train", "*.tfrecord.gz"))
     assert len(out) == len(examples) == summary["counts"]["examples_written"]
     by_key = {(e["session_id"][0], e["doc_id"][0]): e for e in out}
     selected = {(e["session_id"], e["doc_id"]) for e in examples
@@ -175,13 +188,20 @@ def test_mine_negatives_pipeline_window_exclusions_and_ratio(mining_setup):
         assert all(11 <= rank[n] <= 60 for n in negs), [rank[n] for n in negs]
         assert not set(negs) & (clicked[e["searcher_id"]] | set(e["history_doc_ids"]))
         assert got["query"] == [e["query"]] and got["history_doc_ids"] == e["history_doc_ids"]
-    # the other parts of the examples directory come along; the summary says what was done
-    assert (root / "mined" / "eval").is_dir() and (root / "mined" / "split.json").exists()
+    # the other parts of the examples version come along; the summary says what was done
+    assert os.path.isdir(os.path.join(mined, "eval"))
+    assert os.path.exists(os.path.join(mined, "split.json"))
+    assert os.path.exists(os.path.join(mined, "doc_frequencies-00000-of-00001.tsv"))
+    assert json.load(open(os.path.join(mined, "mining.json")))["counts"] == summary["counts"]
+    artifacts.verify(mined)
     assert summary["hard_fraction"] == 0.5 and summary["model_version"] == 1
 
-    # a rerun replaces the output whole, with the same (seeded) negatives
+    # a rerun commits a new version with the same (seeded) negatives; the output is itself an
+    # examples artifact, so mining it again (model N+1) takes it as --examples
     run(cfg)
-    again = _read_examples(str(root / "mined" / "train" / "*.tfrecord.gz"))
+    assert artifacts.versions(str(root / "mined")) == [1, 2]
+    again = _read_examples(os.path.join(artifacts.resolve(str(root / "mined")), "train",
+                                        "*.tfrecord.gz"))
     assert sorted(map(str, again)) == sorted(map(str, out))
 
 

@@ -2,7 +2,9 @@
 
 Models: a small SavedModel built here with tf.Module (as TF Serving's tests use half_plus_two):
 inputs `text` (string [B]) and `x` (float [B, 3]); outputs `y = 0.5 x + version` and
-`length = strlen(text)`, so every response tells which version answered.
+`length = strlen(text)`, so every response tells which version answered. Versions are published
+as the exporter publishes them (`ebr.artifacts.publish_dir`: staged, uploaded, `_COMMITTED`
+last).
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import tempfile
+
 import grpc
 import numpy as np
 import pytest
@@ -32,6 +36,7 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
                                      get_model_status_pb2, inference_pb2, model_service_pb2_grpc,
                                      predict_pb2, prediction_service_pb2_grpc, regression_pb2)
 
+from ebr import artifacts
 from serving.model_client import ModelClient, as_string_array
 from serving.model_server import start_model_server
 
@@ -54,15 +59,15 @@ class Toy(tf.Module):
         return {"z": 2.0 * x}
 
 
-def publish(base: Path, version: int, name: str = "toy") -> Path:
-    """Writes a version the way our exporter does: temp dir, then one rename."""
+def publish(base, version: int, name: str = "toy") -> str:
+    """Publishes a version the way our exporter does: staged locally, uploaded with
+    saved_model.pb last, then the commit marker (`base` may be a gs:// URI)."""
     model = Toy(version)
-    tmp = base / name / f".tmp-{version}"
-    tf.saved_model.save(model, str(tmp), signatures={"serving_default": model.serve,
-                                                     "double": model.double})
-    final = base / name / str(version)
-    os.rename(tmp, final)
-    return final
+    with tempfile.TemporaryDirectory() as staging:
+        tf.saved_model.save(model, staging, signatures={"serving_default": model.serve,
+                                                        "double": model.double})
+        return artifacts.publish_dir(staging, f"{base}/{name}", version=version,
+                                     last=("saved_model.pb",))
 
 
 def wait_for(predicate, timeout=20.0, what="condition"):
@@ -283,7 +288,8 @@ def test_rest_api(server):
 def test_version_switch_under_load_and_health(tmp_path):
     base = tmp_path / "models"
     (base / "toy").mkdir(parents=True)
-    handle = start_model_server(base, 0, poll_seconds=0.1)
+    handle = start_model_server(base, 0, poll_seconds=0.1, load_retry_seconds=0.1,
+                                max_load_retry_seconds=0.4)
     try:
         address = f"127.0.0.1:{handle.port}"
         client = ModelClient(address, timeout=10)
@@ -330,23 +336,31 @@ def test_version_switch_under_load_and_health(tmp_path):
         assert client.predict("toy", {"x": np.ones((1, 3), np.float32)}, signature="double",
                               version=2)["z"].tolist() == [[2, 2, 2]]
 
-        # Half-written versions are never loaded; v2 keeps serving.
-        (base / "toy" / "3" / "variables").mkdir(parents=True)  # no saved_model.pb yet
-        shutil.copytree(base / "toy" / "2" / "variables", base / "toy" / "3" / "variables",
-                        dirs_exist_ok=True)
-        good_pb = (base / "toy" / "2" / "saved_model.pb").read_bytes()
-        (base / "toy" / "4").mkdir()
-        (base / "toy" / "4" / "saved_model.pb").write_bytes(good_pb[: len(good_pb) // 2])
-        no_vars = base / "toy" / "5"
+        # Uncommitted versions are never loaded, however complete their files look; committed
+        # versions that fail to load are recorded and retried with backoff; v2 keeps serving.
+        toy = base / "toy"
+        shutil.copytree(toy / "2", toy / "3")
+        (toy / "3" / artifacts.COMMIT_MARKER).unlink()  # a complete copy, never committed
+        good_pb = (toy / "2" / "saved_model.pb").read_bytes()
+        (toy / "4").mkdir()
+        (toy / "4" / "saved_model.pb").write_bytes(good_pb[: len(good_pb) // 2])
+        artifacts.commit(str(toy / "4"))  # committed, but its SavedModel does not parse
+        no_vars = toy / "5"
         no_vars.mkdir()
         (no_vars / "saved_model.pb").write_bytes(good_pb)  # variables/ missing
-        wait_for(lambda: {s["version"]: s["state"] for s in client.status("toy")}.get(5) == "END",
-                 what="v5 load failure recorded")
-        states = {s["version"]: s for s in client.status("toy")}
-        assert 3 not in states  # not even attempted
-        assert states[4]["state"] == "END" and states[4]["error_message"]
-        assert states[5]["state"] == "END" and states[5]["error_message"]
-        time.sleep(0.5)  # several polls: failed versions are not retried while unchanged
+        artifacts.commit(str(no_vars))
+        def failed(version):  # END with its error (between two retries; LOADING during one)
+            state = {s["version"]: s for s in client.status("toy")}.get(version, {})
+            return state.get("state") == "END" and bool(state.get("error_message"))
+
+        for v in (4, 5):
+            wait_for(lambda: failed(v), what=f"v{v} load failure recorded")
+        assert 3 not in {s["version"] for s in client.status("toy")}  # not even attempted
+        # Retried with backoff (load_retry_seconds=0.1 doubling to 0.4 below), not every poll.
+        wait_for(lambda: handle.registry._models["toy"][5].failures >= 3, timeout=10,
+                 what="v5 retried")
+        rec = handle.registry._models["toy"][5]
+        assert rec.retry_at - time.monotonic() <= 0.4 + 0.05
         assert handle.registry.available() == {"toy": [2]}
         assert client.predict_with_version("toy", {"x": np.ones((1, 3), np.float32)},
                                            signature="double")[1] == 2
@@ -355,16 +369,53 @@ def test_version_switch_under_load_and_health(tmp_path):
         plain.v = tf.Variable(1.0)
         plain.f = tf.function(lambda x: {"o": x * plain.v},
                               input_signature=[tf.TensorSpec([None], tf.float32)])
-        tf.saved_model.save(plain, str(base / "toy" / ".tmp6"), signatures={"other": plain.f})
-        os.rename(base / "toy" / ".tmp6", base / "toy" / "6")
-        wait_for(lambda: {s["version"]: s["state"] for s in client.status("toy")}.get(6) == "END",
-                 what="v6 refused")
-        assert "serving_default" in {s["version"]: s for s in client.status("toy")}[6][
-            "error_message"]
-        # Once version 5's files are complete it is retried (its files changed) and served.
-        shutil.copytree(base / "toy" / "2" / "variables", no_vars / "variables")
+        with tempfile.TemporaryDirectory() as staging:
+            tf.saved_model.save(plain, staging, signatures={"other": plain.f})
+            artifacts.publish_dir(staging, str(toy), version=6)
+        wait_for(lambda: failed(6) and "serving_default" in {
+            s["version"]: s for s in client.status("toy")}[6]["error_message"], what="v6 refused")
+        # Once version 5's files are complete its next retry loads it and it is served.
+        shutil.copytree(toy / "2" / "variables", no_vars / "variables")
         wait_for(lambda: handle.registry.available() == {"toy": [5]}, what="v5 served")
         assert client.health() == "SERVING"
+        assert 3 not in {s["version"] for s in client.status("toy")}
+        client.close()
+    finally:
+        handle.stop(grace=1)
+
+
+def test_storage_outage_keeps_serving_and_uncommitted_never_loads(tmp_path):
+    """The base path vanishes (renamed away: what an unreachable bucket looks like to a
+    poll) and comes back: the served version never unloads; a version whose upload is done
+    but whose commit marker is missing is never loaded, and loads once committed."""
+    base = tmp_path / "models"
+    publish(base, 1)
+    handle = start_model_server(base, 0, poll_seconds=0.05)
+    try:
+        client = ModelClient(f"127.0.0.1:{handle.port}", timeout=10)
+        x = {"x": np.ones((1, 3), np.float32)}
+        assert client.predict_with_version("toy", x, signature="double")[1] == 1
+        # A new version, every file uploaded, no _COMMITTED: polls ignore it.
+        v2 = Path(publish(base, 2))
+        (v2 / artifacts.COMMIT_MARKER).unlink()
+        away = tmp_path / "models.away"
+        os.rename(base, away)  # the whole base path is gone for a while
+        time.sleep(0.5)  # ten polls
+        assert handle.registry.available() == {"toy": [1]}
+        assert client.health() == "SERVING"
+        assert client.predict_with_version("toy", x, signature="double")[1] == 1
+        (away / "toy").rename(away / ".toy-moved")  # and the model directory too
+        os.rename(away, base)
+        time.sleep(0.5)
+        assert handle.registry.available() == {"toy": [1]}
+        assert client.predict_with_version("toy", x, signature="double")[1] == 1
+        (base / ".toy-moved").rename(base / "toy")
+        time.sleep(0.5)
+        assert handle.registry.available() == {"toy": [1]}
+        assert 2 not in {s["version"] for s in client.status("toy")}  # never attempted
+        artifacts.commit(str(v2))
+        wait_for(lambda: handle.registry.available() == {"toy": [2]}, what="v2 served")
+        assert client.predict_with_version("toy", x, signature="double")[1] == 2
         client.close()
     finally:
         handle.stop(grace=1)

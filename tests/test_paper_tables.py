@@ -1,7 +1,8 @@
 """Smoke run of `ebr experiment paper-tables` end to end (two seeds in two worker processes,
 minimal sizes), plus checks of the training-set variants it builds (hard positives, impression
-negatives/positives, mined negatives) on the run's own artifacts."""
-import glob
+negatives/positives, mined negatives) on the run's own artifacts: committed examples versions
+(docs/contracts.md 2). One test writes the variants and the report to gs:// through the Cloud
+Storage emulator (tests/gcs_emulator.py)."""
 import json
 import math
 import os
@@ -9,6 +10,8 @@ import re
 
 import pytest
 
+from ebr import artifacts, storage
+from experiments import ablations
 from experiments import paper_tables as pt
 
 TINY = ["documents=400", "sessions=1500", "epochs=1", "batch_size=64", "embedding_dim=16",
@@ -31,8 +34,14 @@ def _read(pattern):
 
     from ebr import features
 
-    return [features.parse_example(r.numpy()) for f in sorted(glob.glob(pattern))
+    return [features.parse_example(r.numpy()) for f in storage.glob(str(pattern))
             for r in tf.data.TFRecordDataset(f, compression_type="GZIP")]
+
+
+def _train(examples):
+    """The training examples of the newest committed version of an examples artifact."""
+    return _read(storage.join(artifacts.resolve(str(examples), "examples"), "train",
+                              "*.tfrecord.gz"))
 
 
 def test_report_structure_and_numbers(smoke):
@@ -76,12 +85,20 @@ def test_report_structure_and_numbers(smoke):
 def test_training_set_variants(smoke):
     out, _ = smoke
     work = out / "work" / "seed0"
-    base = _read(str(work / "examples" / "train" / "*.tfrecord.gz"))
+    # every training set is a committed examples artifact, the base one and each variant
+    for name in ("examples", "data/hard_positives", "data/impression_negatives",
+                 "data/impression_positives", "data/mined_11-60_all"):
+        vdir = artifacts.resolve(str(work / name), "examples")
+        marker = artifacts.read_commit(vdir)
+        artifacts.verify(vdir, marker)
+        assert any(f.startswith("train/") for f in marker["files"]), name
+        assert {"corpus", "eval", "split.json"} <= set(storage.listdir(vdir)), name
+    base = _train(work / "examples")
     sessions = [json.loads(line) for line in open(work / "raw" / "sessions.jsonl")]
     by_id = {s["session_id"]: s for s in sessions}
 
     # hard positives: base examples + copies carrying the failed query of a failed session
-    hp = _read(str(work / "data" / "hard_positives" / "train" / "*.tfrecord.gz"))
+    hp = _train(work / "data" / "hard_positives")
     copies = [e for e in hp if e["session_id"][0].endswith("~hardpos")]
     assert len(hp) == len(base) + len(copies) and copies
     for e in copies:
@@ -89,7 +106,7 @@ def test_training_set_variants(smoke):
         assert failed["clicks"] == [] and e["query"] == [failed["query"]]
 
     # impression negatives: the session's non-clicked impressions, never its clicks
-    neg = _read(str(work / "data" / "impression_negatives" / "train" / "*.tfrecord.gz"))
+    neg = _train(work / "data" / "impression_negatives")
     assert len(neg) == len(base) and any(e.get("negative_doc_ids") for e in neg)
     for e in neg:
         s = by_id[e["session_id"][0]]
@@ -97,12 +114,14 @@ def test_training_set_variants(smoke):
         assert len(e.get("negative_doc_ids", [])) <= 4
 
     # impression positives: clicks plus the impressions output
-    pos = _read(str(work / "data" / "impression_positives" / "train" / "*.tfrecord.gz"))
-    imp = _read(str(work / "examples" / "impressions" / "train" / "*.tfrecord.gz"))
+    pos = _train(work / "data" / "impression_positives")
+    imp = _read(storage.join(artifacts.resolve(str(work / "examples"), "examples"),
+                             "impressions", "train", "*.tfrecord.gz"))
     assert len(pos) == len(base) + len(imp)
 
     # mined (hard only, 0:1): every example carries a negative that is not one of its searcher's clicks
-    mined = _read(str(work / "data" / "mined_11-60_all" / "train" / "*.tfrecord.gz"))
+    mined_dir = artifacts.resolve(str(work / "data" / "mined_11-60_all"), "examples")
+    mined = _train(mined_dir)
     clicked = {}
     for e in base:
         clicked.setdefault(e["searcher_id"][0], set()).add(e["doc_id"][0])
@@ -110,7 +129,7 @@ def test_training_set_variants(smoke):
     assert sum(bool(e.get("negative_doc_ids")) for e in mined) > 0.9 * len(mined)
     for e in mined:
         assert not set(e.get("negative_doc_ids", [])) & clicked[e["searcher_id"][0]]
-    summary = json.loads((work / "data" / "mined_11-60_all" / "mining.json").read_text())
+    summary = storage.read_json(storage.join(mined_dir, "mining.json"))
     assert summary["hard_fraction"] == 1.0 and summary["counts"]["examples_read"] == len(base)
 
 
@@ -125,3 +144,45 @@ def test_rows_and_config_errors():
         pt.make_config(True, ["no_such_field=1"])
     with pytest.raises(ValueError, match="START-END"):
         pt.make_config(True, ["windows=1to100"])
+
+
+def test_variants_and_report_on_gcs(smoke, gcs_root):
+    """The training-set variants and the report written to gs:// (the emulator): derived
+    examples artifacts committed there, ratio restriction equal to the local one, plots and
+    results.json as objects."""
+    out, _ = smoke
+    work = out / "work" / "seed0"
+    base = artifacts.publish_dir(artifacts.resolve(str(work / "examples"), "examples"),
+                                 f"{gcs_root}/examples", info={"kind": "examples"})
+
+    pos = ablations.impression_positives(f"{gcs_root}/examples", f"{gcs_root}/impression_positives")
+    assert pos["output"] == f"{gcs_root}/impression_positives/1"
+    assert artifacts.resolve(f"{gcs_root}/impression_positives", "examples") == pos["output"]
+    assert storage.read_json(f"{pos['output']}/ablation.json")["counts"] == pos["counts"]
+    assert len(_train(f"{gcs_root}/impression_positives")) == len(_train(work / "data" / "impression_positives"))
+    assert storage.listdir(f"{pos['output']}/corpus") == storage.listdir(f"{base}/corpus")
+
+    # a 10:1 cut of the hard-only mining run: same examples whether written locally or to gs://
+    mined = str(work / "data" / "mined_11-60_all")
+    remote = pt.restrict_ratio(mined, f"{gcs_root}/mined_10to1", "10:1", seed=0)
+    local = pt.restrict_ratio(mined, str(out / "mined_10to1_local"), "10:1", seed=0)
+    assert remote == f"{gcs_root}/mined_10to1/1" and artifacts.is_committed(remote)
+    assert _train(remote) == _train(local)
+    both = _train(mined)
+    kept = sum(bool(e.get("negative_doc_ids")) for e in _train(remote))
+    assert 0 < kept < sum(bool(e.get("negative_doc_ids")) for e in both)
+    assert storage.exists(f"{remote}/mining.json")
+
+    # the report, its plots and results.json through ebr.storage
+    results = json.loads((out / "results.json").read_text())
+    cfg = pt.make_config(True, TINY)
+    models, rows = pt.plan(cfg)
+    report = pt.write_report(f"{gcs_root}/report", cfg, models, rows, results["aggregate"], [0, 1],
+                             True, "test", results["facts"], 1.0, 2)
+    assert report == f"{gcs_root}/report/report.md"
+    text = storage.read_text(report)
+    assert "## 8. " + pt.EXPERIMENT_TITLES[8] in text
+    for png in ("e1_by_type.png", "e5.png", "e8_ann.png"):
+        assert storage.read_bytes(f"{gcs_root}/report/{png}")[:4] == b"\x89PNG", png
+    with pytest.raises(FileNotFoundError, match="no examples"):
+        ablations.impression_positives(f"{gcs_root}/nothing", f"{gcs_root}/x")

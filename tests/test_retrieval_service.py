@@ -201,12 +201,11 @@ def test_health_is_serving_only_with_model_and_index(stack, tmp_path):
                 c.retrieve("club", k=3)
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "index" in e.value.details()
-            # Publish the index the way the builder does (a complete directory renamed in).
-            (tmp_path / "staging").mkdir()
-            import shutil
+            # Publish the index the way the builder does (files, manifest, _COMMITTED last).
+            from ebr import artifacts
 
-            shutil.copytree(stack.index_base / "1", tmp_path / "staging" / "1")
-            (tmp_path / "staging" / "1").rename(empty_base / "1")
+            artifacts.publish_dir(str(stack.index_base / "1"), str(empty_base), version=1,
+                                  last=("manifest.json",))
             c.wait_ready(timeout=20)
             assert c.retrieve("club", k=3).index_version == 1
     finally:
@@ -222,7 +221,7 @@ def test_model_index_mismatch_refused_at_start_and_on_reload(stack, tmp_path):
     base = tmp_path / "index"
     base.mkdir()
     stack.publish_index(1, model_version=1, dimension=24, base=base)
-    with pytest.raises(ModelIndexMismatch, match=r"dimension 16 \(model\) != 24 \(index\)"):
+    with pytest.raises(ModelIndexMismatch, match=r"dimension 24 \(artifact\) != 16 \(model\)"):
         start(base, model=str(stack.query_tower))
 
     stack.publish_index(2, model_version=1, base=base)  # a good version on top: starts on it
@@ -246,18 +245,10 @@ def test_model_index_mismatch_refused_at_start_and_on_reload(stack, tmp_path):
 def test_in_process_model_swaps_with_its_index(stack, tmp_path):
     """Local mode: a new index naming a new model version loads that model in-process, then
     both switch together."""
-    import json
-    import shutil
-
     from serving.retrieval_client import RetrievalClient
 
     fork = stack.fork(tmp_path)
-    for tower in ("query_tower", "doc_tower"):  # republish v1's weights as v2 (temp + rename)
-        staging = fork.model_dir / tower / ".tmp-2"
-        shutil.copytree(fork.model_dir / tower / "1", staging)
-        meta = json.loads((staging / "ebr_metadata.json").read_text())
-        (staging / "ebr_metadata.json").write_text(json.dumps(dict(meta, version=2)))
-        staging.rename(fork.model_dir / tower / "2")
+    fork.republish_model(1, as_version=2)  # v1's weights as v2 (artifacts.publish_towers)
     srv = start(fork)
     try:
         with RetrievalClient(f"127.0.0.1:{srv.port}") as c:
@@ -543,3 +534,155 @@ def test_requests_in_flight_do_not_need_a_thread_each(stack):
             assert calls < 3 * len(requests)  # some requests shared a tower call
     finally:
         srv.stop(0)
+
+
+def _reloads(srv, result: str) -> float:
+    return srv.metrics.reloads.labels(result)._value.get()
+
+
+def test_corrupt_new_index_is_retried_with_backoff_and_the_pair_keeps_serving(stack, tmp_path,
+                                                                             caplog):
+    """A committed index version whose file fails its checksum: the serving pair answers every
+    request meanwhile, the load is retried with capped exponential backoff (logged), and a good
+    version published afterwards is picked up at once."""
+    import logging
+    import shutil
+    import threading
+
+    from ebr import artifacts
+    from serving.retrieval_client import RetrievalClient
+
+    fork = stack.fork(tmp_path / "fork")
+    staging = tmp_path / "staging"
+    shutil.copytree(fork.index_base / "1", staging,
+                    ignore=shutil.ignore_patterns(artifacts.COMMIT_MARKER))
+    data = bytearray((staging / "filters.bin").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the manifest's sha256 tells
+    (staging / "filters.bin").write_bytes(bytes(data))
+
+    caplog.set_level(logging.ERROR, logger="serving.retrieval_service")
+    srv = start(fork, retry_seconds=0.2, retry_max_seconds=0.8)
+    answers, stop = [], threading.Event()
+    try:
+        with RetrievalClient(f"127.0.0.1:{srv.port}") as c:
+            assert c.retrieve("club", k=3).index_version == 1
+
+            def load():  # traffic during the failed reloads: none may be dropped
+                while not stop.is_set():
+                    try:
+                        answers.append(c.retrieve("club", k=3, timeout=10).index_version)
+                    except grpc.RpcError as e:
+                        answers.append(e.code().name)
+                    time.sleep(0.02)
+
+            thread = threading.Thread(target=load)
+            thread.start()
+            artifacts.publish_dir(str(staging), str(fork.index_base), version=2,
+                                  last=("manifest.json",))
+            deadline = time.monotonic() + 30
+            while _reloads(srv, "failed") < 5:
+                assert time.monotonic() < deadline, "corrupt index version not retried"
+                time.sleep(0.05)
+            assert c.health() == "SERVING"
+            assert srv.manager.pair.index_version == 1
+            assert "filters.bin fails its sha256" in srv.manager._failed[2].reason
+
+            fork.publish_index(3, model_version=1)  # a good version: loaded at once
+            deadline = time.monotonic() + 30
+            while srv.manager.pair.index_version != 3:
+                assert time.monotonic() < deadline, "good index version not picked up"
+                time.sleep(0.05)
+            time.sleep(0.2)
+            stop.set()
+            thread.join(timeout=30)
+            assert c.retrieve("club", k=3).index_version == 3
+    finally:
+        stop.set()
+        srv.stop(0)
+    assert answers and set(answers) <= {1, 3}, set(answers)
+    delays = [r.retry_in_seconds for r in caplog.records
+              if r.getMessage().startswith("new index version failed to load")]
+    attempts = [r.attempt for r in caplog.records
+                if r.getMessage().startswith("new index version failed to load")]
+    assert attempts[:5] == [1, 2, 3, 4, 5]
+    assert delays[:5] == [0.2, 0.4, 0.8, 0.8, 0.8]  # doubling, capped
+
+
+def test_index_and_model_on_object_storage(stack, gcs_root, tmp_path, monkeypatch):
+    """gs:// INDEX_BASE and MODEL_DIR: committed versions only, the index read from a local
+    cached copy, an uncommitted upload ignored, a new committed version swapped in."""
+    from ebr import artifacts, storage
+    from index import persistence
+    from serving.retrieval_client import RetrievalClient
+
+    monkeypatch.setenv(persistence.CACHE_ENV, str(tmp_path / "cache"))
+    model_dir = f"{gcs_root}/models"
+    artifacts.publish_towers({t: str(stack.model_dir / t / "1") for t in artifacts.TOWERS},
+                             model_dir, 1)
+    base = f"{gcs_root}/index"
+    stack.publish_index(1, model_version=1, base=base)
+    srv = start(base, model=model_dir)  # MODEL_DIR: its query tower is used
+    try:
+        with RetrievalClient(f"127.0.0.1:{srv.port}") as c:
+            r = c.retrieve("club", k=5)
+            assert (r.index_version, r.model_version) == (1, 1)
+            pair = srv.manager.pair
+            assert pair.index_path == f"{base}/1"
+            assert pair.searcher.local_path.startswith(str(tmp_path / "cache"))
+            with RetrievalClient(f"127.0.0.1:{srv.port}") as c2:
+                assert c2.retrieve("club", k=5).doc_ids == r.doc_ids
+
+            # Files of version 2 without _COMMITTED: an upload in progress, never loaded.
+            for rel in storage.walk_files(f"{base}/1"):
+                if rel != artifacts.COMMIT_MARKER:
+                    storage.copy_file(f"{base}/1/{rel}", f"{base}/2/{rel}")
+            time.sleep(1.0)
+            assert c.retrieve("club", k=5).index_version == 1
+            assert _reloads(srv, "failed") == 0
+
+            artifacts.commit(f"{base}/2", {"artifact": "index"})
+            deadline = time.monotonic() + 30
+            while (r2 := c.retrieve("club", k=5)).index_version != 2:
+                assert time.monotonic() < deadline, "committed gs:// version not picked up"
+                time.sleep(0.1)
+            assert r2.doc_ids == r.doc_ids
+    finally:
+        srv.stop(0)
+
+
+def test_storage_error_while_listing_is_logged_and_the_pair_keeps_serving(stack, tmp_path,
+                                                                         caplog):
+    """Listing INDEX_BASE fails (here: an entry whose name is not UTF-8, a StorageError from
+    ebr.storage): every poll fails, the warning is logged once per streak, requests are answered
+    by the serving pair; once listing works again a new version is picked up."""
+    import logging
+    import os
+
+    from serving.retrieval_client import RetrievalClient
+
+    fork = stack.fork(tmp_path / "fork")
+    caplog.set_level(logging.WARNING, logger="serving.retrieval_service")
+    srv = start(fork)
+    bad = os.path.join(os.fsencode(fork.index_base), b"\xff")
+    try:
+        with RetrievalClient(f"127.0.0.1:{srv.port}") as c:
+            assert c.retrieve("club", k=3).index_version == 1
+            open(bad, "wb").close()
+            deadline = time.monotonic() + 20
+            while _reloads(srv, "list-error") < 3:
+                assert time.monotonic() < deadline, "listing errors not counted"
+                time.sleep(0.05)
+            assert c.health() == "SERVING" and c.retrieve("club", k=3).index_version == 1
+            warned = [r for r in caplog.records
+                      if r.getMessage().startswith("cannot list index versions")]
+            assert len(warned) == 1 and str(fork.index_base) in warned[0].reason
+            os.remove(bad)
+            fork.publish_index(2, model_version=1)
+            deadline = time.monotonic() + 20
+            while c.retrieve("club", k=3).index_version != 2:
+                assert time.monotonic() < deadline, "new version not picked up after recovery"
+                time.sleep(0.1)
+    finally:
+        srv.stop(0)
+        if os.path.exists(bad):
+            os.remove(bad)

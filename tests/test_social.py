@@ -1,5 +1,6 @@
-"""The social-search generator writes the documented structure (issue 3) deterministically,
-and its JSON Lines I/O is atomic and names file:line on bad input."""
+"""The social-search generator writes the documented structure deterministically, to any URI
+(local and gs://), and its JSON Lines I/O replaces an output only once it is complete and
+names file:line on bad input."""
 from __future__ import annotations
 
 import collections
@@ -12,7 +13,8 @@ import pytest
 
 from ebr import cli
 from ebr.datasets import social_tables as T
-from ebr.datasets.jsonl import atomic_output_dir, find_raw_file, read_jsonl, read_records
+from ebr import storage
+from ebr.datasets.jsonl import find_raw_file, read_jsonl, read_records, staged_output_dir
 from ebr.datasets.social import SocialConfig, generate_social, make_prefix, make_typo
 from ebr.datasets.social_engine import BooleanEngine
 from ebr.datasets.social_world import build_world
@@ -202,7 +204,7 @@ def test_gzip_output_and_rerun_replaces_whole_dir(tmp_path):
     generate_social(out, documents=300, sessions=100, seed=1)
     assert sorted(p.name for p in out.iterdir()) == [
         "documents.jsonl", "generator.json", "searchers.jsonl", "sessions.jsonl"]
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".raw")]  # no temp dirs left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]  # no temp dirs left beside it
 
 
 def test_refuses_to_replace_unrelated_directory(tmp_path):
@@ -217,7 +219,7 @@ def test_failed_write_leaves_previous_output(tmp_path):
     generate_social(out, documents=200, sessions=50, seed=1)
     before = (out / "sessions.jsonl").read_bytes()
     with pytest.raises(RuntimeError):
-        with atomic_output_dir(out) as tmp:
+        with staged_output_dir(out) as tmp:
             (tmp / "sessions.jsonl").write_text("partial")
             raise RuntimeError("boom")
     assert (out / "sessions.jsonl").read_bytes() == before
@@ -246,3 +248,28 @@ def test_cli(tmp_path, capsys):
     meta = json.loads((out / "generator.json").read_text())
     assert meta["parameters"]["clicks"]["intent"] == 5.0 and meta["parameters"]["searchers"] == 350
     assert cli.main(["data", "social", "--out", str(out), "--documents", "5"]) == 2  # clear error
+
+
+def test_generate_to_gcs_and_read_back(tmp_path, gcs_root):
+    """`ebr data social --out gs://...`: the same bytes as a local run, read back through
+    the raw-log readers from gs://."""
+    local, remote = tmp_path / "raw", storage.join(gcs_root, "raw")
+    assert cli.main(["data", "social", "--out", str(local), "--documents", "300",
+                     "--sessions", "200", "--seed", "4", "--gzip"]) == 0
+    assert cli.main(["data", "social", "--out", remote, "--documents", "300",
+                     "--sessions", "200", "--seed", "4", "--gzip"]) == 0
+    assert storage.listdir(remote) == sorted(p.name for p in local.iterdir())
+    for name in storage.listdir(remote):
+        assert storage.read_bytes(storage.join(remote, name)) == (local / name).read_bytes(), name
+    sessions = find_raw_file(remote, "sessions")
+    assert sessions == f"{remote}/sessions.jsonl.gz"
+    assert list(read_records(sessions)) == list(read_records(find_raw_file(local, "sessions")))
+    # a plain rerun replaces the .gz files; an unrelated remote directory is refused
+    generate_social(remote, documents=300, sessions=100, seed=4)
+    assert storage.listdir(remote) == ["documents.jsonl", "generator.json", "searchers.jsonl",
+                                       "sessions.jsonl"]
+    assert len(list(read_records(find_raw_file(remote, "sessions")))) == 100
+    storage.write_bytes(storage.join(gcs_root, "home", "precious.txt"), b"keep me")
+    with pytest.raises(ValueError, match="refusing"):
+        generate_social(storage.join(gcs_root, "home"), documents=100, sessions=10)
+    assert storage.listdir(storage.join(gcs_root, "home")) == ["precious.txt"]

@@ -16,7 +16,7 @@ import tensorflow as tf
 sys.path.insert(0, os.path.dirname(__file__))
 import trainer_fixtures as tfx  # noqa: E402
 
-from ebr import features  # noqa: E402
+from ebr import artifacts, features  # noqa: E402
 from trainer import data, featurize, task  # noqa: E402
 from trainer.corpus import load_corpus  # noqa: E402
 from trainer.model import UnifiedEmbeddingModel  # noqa: E402
@@ -47,8 +47,12 @@ def trained(dataset, tmp_path_factory):
     return result, model_dir, hp
 
 
+def _vdir(data_dir):
+    return artifacts.resolve(data_dir, "examples")
+
+
 def _batch(data_dir, n=8, pattern="train/examples-*.tfrecord.gz"):
-    ds = data.make_dataset(os.path.join(data_dir, pattern), n, shuffle=False)
+    ds = data.make_dataset(os.path.join(_vdir(data_dir), pattern), n, shuffle=False)
     return next(iter(ds))
 
 
@@ -176,11 +180,13 @@ def test_corrupt_tfrecord_error_names_the_file(dataset, tmp_path, capsys):
     import shutil
 
     bad = tmp_path / "data"
-    shutil.copytree(dataset, bad)
-    victim = sorted((bad / "train").glob("*.tfrecord.gz"))[-1]
+    vdir = _vdir(dataset)
+    shutil.copytree(vdir, bad / os.path.basename(vdir))  # a committed version, then corrupted
+    train = bad / os.path.basename(vdir) / "train"
+    victim = sorted(train.glob("*.tfrecord.gz"))[-1]
     raw = victim.read_bytes()
     victim.write_bytes(raw[: len(raw) // 2] + b"\x00garbage" * 50)
-    where = data.locate_bad_record(sorted(str(p) for p in (bad / "train").glob("*.tfrecord.gz")))
+    where = data.locate_bad_record(sorted(str(p) for p in train.glob("*.tfrecord.gz")))
     assert where is not None and str(victim) in where and "corrupted record" in where
     # A record that is not a tf.train.Example: named by file and record number.
     odd = tmp_path / "odd.tfrecord.gz"
@@ -202,6 +208,11 @@ def test_missing_data_and_bad_config_exit_with_clear_message(tmp_path, capsys):
     assert code == task.EXIT_BAD_INPUT and "optimizer" in capsys.readouterr().err
     code = task.main(tfx.task_command(str(tmp_path / "nowhere"), str(tmp_path / "m"))[3:])
     assert code == task.EXIT_BAD_INPUT and "nowhere" in capsys.readouterr().err
+    # An examples version whose publish never finished is named and refused.
+    (tmp_path / "ex" / "1" / "train").mkdir(parents=True)
+    code = task.main(tfx.task_command(str(tmp_path / "ex" / "1"), str(tmp_path / "m"))[3:])
+    err = capsys.readouterr().err
+    assert code == task.EXIT_BAD_INPUT and "not committed" in err and str(tmp_path / "ex" / "1") in err
     code = task.main(tfx.task_command(str(tmp_path), "", "epochs=1")[3:])
     assert code == task.EXIT_BAD_INPUT and "AIP_MODEL_DIR" in capsys.readouterr().err
     bad_config = tmp_path / "train.yaml"
@@ -216,7 +227,7 @@ def test_missing_data_and_bad_config_exit_with_clear_message(tmp_path, capsys):
 def test_extra_negatives_and_mixed_negatives_reach_the_loss(tmp_path):
     out = str(tmp_path / "data")
     tfx.write_dataset(out, n_examples=200, negatives=3)
-    corpus = load_corpus(os.path.join(out, "corpus/*.tfrecord.gz"))
+    corpus = load_corpus(os.path.join(_vdir(out), "corpus/*.tfrecord.gz"))
     batch = _batch(out, 16)
     assert bool(tf.reduce_any(batch["negative_doc_ids"] != b""))
     extra = UnifiedEmbeddingModel(tfx.tiny_config(out, "/unused"), corpus, extra_negatives=True)
@@ -239,11 +250,11 @@ def test_cache_mixed_negatives_and_queue_refresh_during_fit(dataset):
 
     config = tfx.tiny_config(dataset, "/unused", "loss.mixed_negatives=16", "loss.mixed_source=cache",
                              "loss.cache_refresh_steps=2", "loss.queue_size=128", "loss.queue_warmup_steps=1")
-    corpus = load_corpus(os.path.join(dataset, config.corpus_pattern))
+    corpus = load_corpus(os.path.join(_vdir(dataset), config.corpus_pattern))
     model = UnifiedEmbeddingModel(config, corpus)
     assert model.mixed_from_tower == 0 and model.loss_layer.cache is not None
     model.compile(optimizer=make_optimizer(config))
-    ds = data.make_dataset(os.path.join(dataset, config.train_pattern), 32, repeat=True, drop_remainder=True)
+    ds = data.make_dataset(os.path.join(_vdir(dataset), config.train_pattern), 32, repeat=True, drop_remainder=True)
     history = model.fit(ds, epochs=1, steps_per_epoch=5, verbose=0)
     assert np.isfinite(history.history["loss"][-1])
     cache = model.loss_layer.cache
@@ -273,6 +284,11 @@ def test_training_learns_and_reports(trained, dataset):
     assert any(f.startswith("events.out.tfevents") for _, _, fs in os.walk(logs) for f in fs)
     assert not os.path.exists(os.path.join(model_dir, "checkpoints", "backup"))  # deleted on success
     assert os.path.exists(os.path.join(model_dir, "checkpoints", "final", "ckpt.index"))
+    # Read from the newest committed examples version; exported as one committed pair.
+    assert result["data_dir"] == _vdir(dataset)
+    for name in ("query_tower", "doc_tower"):
+        assert artifacts.versions(os.path.join(model_dir, name)) == [result["version"]]
+    assert json.load(open(os.path.join(model_dir, f"train_result-{result['version']}.json")))["steps"] == result["steps"]
 
 
 def test_cluster_spec_becomes_tf_config(monkeypatch):
@@ -295,6 +311,13 @@ def test_vertex_env_paths(monkeypatch, tmp_path):
     cfg = task.resolve_paths(tfx.tiny_config("/data", ""))
     assert (cfg.model_dir, cfg.checkpoint_dir, cfg.tensorboard_dir) == (
         str(tmp_path / "m"), str(tmp_path / "c"), str(tmp_path / "t"))
+    # As Vertex sets them: gs:// URIs with a trailing slash.
+    monkeypatch.setenv("AIP_MODEL_DIR", "gs://b/job/model/")
+    monkeypatch.setenv("AIP_CHECKPOINT_DIR", "gs://b/job/checkpoints/")
+    monkeypatch.delenv("AIP_TENSORBOARD_LOG_DIR")
+    cfg = task.resolve_paths(tfx.tiny_config("/data", ""))
+    assert (cfg.model_dir, cfg.checkpoint_dir, cfg.tensorboard_dir) == (
+        "gs://b/job/model", "gs://b/job/checkpoints", "gs://b/job/model/logs")
     # Vertex hyperparameter tuning passes trial values as --name=value flags.
     parser = __import__("argparse").ArgumentParser()
     task.add_arguments(parser)

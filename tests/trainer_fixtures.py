@@ -1,6 +1,7 @@
 """Hand-made pipeline output (docs/contracts.md section 2) for the trainer tests.
 
-`write_dataset` writes OUT/{train,eval,corpus}/ GZIP TFRecords of `ebr.features.make_example`
+`write_dataset` publishes one examples version OUT/VERSION/{train,eval,corpus}/ GZIP TFRecords
+(+ doc_frequencies, split.json, schema.json, then `_COMMITTED`; OUT may be any URI) of `ebr.features.make_example`
 over a small synthetic search log with learnable structure: each document has a topic and a
 unique title word, queries name the document (sometimes with a typo) and searchers are
 friends with the members of documents of their favourite topic. `movielens_like=True` leaves
@@ -14,7 +15,7 @@ import random
 
 import tensorflow as tf
 
-from ebr import features
+from ebr import artifacts, features, storage
 
 TOPIC_WORDS = ["music", "hiking", "chess", "cooking", "python", "soccer", "poetry", "cycling",
                "gardening", "movies", "travel", "physics"]
@@ -22,7 +23,8 @@ CITIES = ["seattle", "paris", "tokyo", "lagos", "lima"]
 
 
 def _write(path: str, records: list[bytes]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if storage.is_local(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
     with tf.io.TFRecordWriter(path, options="GZIP") as w:
         for r in records:
             w.write(r)
@@ -75,7 +77,8 @@ def build_log(n_docs: int = 120, n_searchers: int = 60, n_examples: int = 1500, 
 def write_dataset(out: str, *, n_docs: int = 120, n_searchers: int = 60, n_examples: int = 1500,
                   seed: int = 0, movielens_like: bool = False, shards: int = 2,
                   negatives: int = 0) -> dict:
-    """Write the pipeline layout under `out`; returns counts."""
+    """Publish the next examples version under `out`; returns counts and its `version_dir`."""
+    vdir = artifacts.begin_version(out)
     docs, searchers, examples = build_log(n_docs, n_searchers, n_examples, seed, movielens_like)
     rng = random.Random(seed + 1)
     clicks: dict[str, int] = {}
@@ -95,18 +98,19 @@ def write_dataset(out: str, *, n_docs: int = 120, n_searchers: int = 60, n_examp
         rows[part].append(features.make_example(values))
     for part, recs in rows.items():
         for k in range(shards):
-            _write(os.path.join(out, part, f"examples-{k:05d}-of-{shards:05d}.tfrecord.gz"), recs[k::shards])
+            _write(storage.join(vdir, part, f"examples-{k:05d}-of-{shards:05d}.tfrecord.gz"), recs[k::shards])
     corpus = [features.make_example(features.document_values(d)) for d in docs]
     for k in range(shards):
-        _write(os.path.join(out, "corpus", f"documents-{k:05d}-of-{shards:05d}.tfrecord.gz"), corpus[k::shards])
-    with open(os.path.join(out, "doc_frequencies-00000-of-00001.tsv"), "w") as f:
-        for doc_id, n in sorted(clicks.items()):
-            f.write(f"{doc_id}\t{n}\t{prob[doc_id]}\n")
-    with open(os.path.join(out, "split.json"), "w") as f:
-        json.dump({"method": "hash", "eval_fraction": 0.15, "seed": seed + 1}, f)
-    with open(os.path.join(out, "schema.json"), "w") as f:
-        json.dump({"schema": features.schema_dict(), "schema_hash": features.schema_hash()}, f)
-    return {"train": len(rows["train"]), "eval": len(rows["eval"]), "docs": len(docs)}
+        _write(storage.join(vdir, "corpus", f"documents-{k:05d}-of-{shards:05d}.tfrecord.gz"), corpus[k::shards])
+    storage.write_bytes(storage.join(vdir, "doc_frequencies-00000-of-00001.tsv"), "".join(
+        f"{doc_id}\t{n}\t{prob[doc_id]}\n" for doc_id, n in sorted(clicks.items())).encode())
+    storage.write_bytes(storage.join(vdir, "split.json"), json.dumps(
+        {"method": "hash", "eval_fraction": 0.15, "seed": seed + 1}).encode())
+    storage.write_bytes(storage.join(vdir, "schema.json"), json.dumps(
+        {"schema": features.schema_dict(), "schema_hash": features.schema_hash()}).encode())
+    counts = {"train": len(rows["train"]), "eval": len(rows["eval"]), "docs": len(docs)}
+    artifacts.commit(vdir, {"kind": "examples", "counts": counts})
+    return {**counts, "version_dir": vdir}
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

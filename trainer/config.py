@@ -14,12 +14,14 @@ from trainer.losses import LossConfig
 
 @dataclasses.dataclass
 class TrainConfig:
-    # --- data (OUT of `ebr pipeline examples`, docs/contracts.md section 2) -----------------
+    # --- data (`ebr pipeline examples`, docs/contracts.md section 2) -----------------------
+    # data_dir: the examples artifact EX (newest committed version) or EX/VERSION, any URI;
+    # the patterns are relative to the resolved version directory.
     data_dir: str = ""
     train_pattern: str = "train/examples-*.tfrecord.gz"
     eval_pattern: str = "eval/examples-*.tfrecord.gz"
     corpus_pattern: str = "corpus/documents-*.tfrecord.gz"
-    # --- outputs (Vertex AI's AIP_* variables fill these when empty) ----------------------
+    # --- outputs: URIs (local or gs://); Vertex AI's AIP_* variables fill these when empty -
     model_dir: str = ""
     checkpoint_dir: str = ""
     tensorboard_dir: str = ""

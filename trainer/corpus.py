@@ -1,4 +1,7 @@
-"""The document corpus in memory: `OUT/corpus/documents-*.tfrecord.gz` -> feature tensors.
+"""The document corpus in memory: `EX/VERSION/corpus/documents-*.tfrecord.gz` -> feature tensors.
+
+Place in the data flow: reads one committed examples version (docs/contracts.md s.2) on any
+URI through `trainer.data` / `ebr.storage`; the caller resolves `EX` to `EX/VERSION`.
 
 Used for three things: exact-search evaluation over every document (`trainer.evaluate`),
 resolving an example's `negative_doc_ids` into document features for the doc tower (offline
@@ -13,7 +16,7 @@ import logging
 import numpy as np
 import tensorflow as tf
 
-from ebr import features
+from ebr import features, storage
 from trainer import data
 
 log = logging.getLogger(__name__)
@@ -70,26 +73,30 @@ class Corpus:
 
 
 def load_frequencies(corpus: Corpus, pattern: str) -> None:
-    """Attach `probs` from `OUT/doc_frequencies-*.tsv` (doc_id, clicks, probability); documents
-    never clicked in training get probability 0."""
-    import glob as _glob
-
+    """Attach `probs` from `EX/VERSION/doc_frequencies-*.tsv` (doc_id, clicks, probability), any
+    URI; documents never clicked in training get probability 0."""
     probs = np.zeros(len(corpus), np.float32)
-    files = sorted(_glob.glob(pattern))
+    files = storage.glob(pattern)
     if not files:
         raise FileNotFoundError(f"no document frequency files match {pattern}")
     for path in files:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                parts = line.rstrip("\n").split("\t")
-                if len(parts) != 3:
-                    raise ValueError(f"{path}: line {lineno}: expected doc_id, clicks, probability")
-                row = corpus.row_of.get(parts[0])
-                if row is not None:
-                    try:
-                        probs[row] = float(parts[2])
-                    except ValueError:
-                        raise ValueError(f"{path}: line {lineno}: bad probability {parts[2]!r}") from None
+        try:
+            text = storage.read_text(path)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"read {path}: not UTF-8 text ({e.reason})") from None
+        lines = text.split("\n")
+        if lines and not lines[-1]:
+            lines.pop()  # the newline ending the last line
+        for lineno, line in enumerate(lines, 1):
+            parts = line.split("\t")
+            if len(parts) != 3:
+                raise ValueError(f"{path}: line {lineno}: expected doc_id, clicks, probability")
+            row = corpus.row_of.get(parts[0])
+            if row is not None:
+                try:
+                    probs[row] = float(parts[2])
+                except ValueError:
+                    raise ValueError(f"{path}: line {lineno}: bad probability {parts[2]!r}") from None
     corpus.probs = tf.constant(probs)
 
 

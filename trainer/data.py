@@ -1,5 +1,10 @@
 """tf.data input of the trainer: GZIP TFRecords of `ebr pipeline examples` -> feature dicts.
 
+Place in the data flow: reads the files of one committed examples version (docs/contracts.md
+s.2; the caller resolves `EX` to `EX/VERSION` with `ebr.artifacts.resolve`) on any URI: file
+patterns are matched with `ebr.storage.glob` (tf.io.gfile) and read by tf.data, local and gs://
+alike.
+
 The parse spec is derived from `ebr.features.SCHEMA` (never spelled here): scalar strings as
 [B], MULTI / multi-valued ids as dense [B, N] padded with "" (the serving signature's layout),
 labels as float / int64. Reads are interleaved across files in parallel and prefetched.
@@ -11,14 +16,12 @@ exactly what is broken.
 from __future__ import annotations
 
 import contextlib
-import glob
 import logging
-import os
 import re
 
 import tensorflow as tf
 
-from ebr import features
+from ebr import features, storage
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +31,7 @@ class DataError(ValueError):
 
 
 def list_files(pattern: str) -> list[str]:
-    files = sorted(tf.io.gfile.glob(pattern)) if "://" in pattern else sorted(glob.glob(pattern))
+    files = storage.glob(pattern)
     if not files:
         raise FileNotFoundError(f"no TFRecord files match {pattern}")
     return files
@@ -129,7 +132,7 @@ def locate_bad_record(files: list[str]) -> str | None:
     prefix, so even a large file is located in O(log N) fast passes."""
     check = _prefix_checker(parse_spec())
     for path in files:
-        if not os.path.exists(path) and "://" not in path:
+        if not storage.exists(path):
             return f"{path}: file does not exist"
         reason = check(path, -1)
         if reason is None:

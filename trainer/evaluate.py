@@ -4,12 +4,15 @@ Every held-out example's query is embedded by the query tower, scored against th
 every corpus document and the positive's rank counted (ties count against it). Two protocols:
 `all` ranks the held-out document among every document (the TFRS tutorial metric); `exclude_train`
 first removes the searcher's training documents other than the positive (the usual offline
-protocol for recommendation data such as MovieLens). The split used (`OUT/split.json` and the
-files read) is written with the numbers so other tools can reproduce it.
+protocol for recommendation data such as MovieLens). The split used (`EX/VERSION/split.json`
+and the files read) is written with the numbers so other tools can reproduce it.
+
+Place in the data flow: reads one committed examples version (docs/contracts.md s.2) and the
+towers (s.3, or the in-memory model during training), all on any URI (`ebr.storage`); writes
+its JSON report to any URI.
 """
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
@@ -19,7 +22,7 @@ from collections import defaultdict
 import numpy as np
 import tensorflow as tf
 
-from ebr import features
+from ebr import features, storage
 from trainer import data
 from trainer.corpus import Corpus, load_corpus
 
@@ -37,10 +40,11 @@ def _towers(model_or_query_tower_path, doc_tower_path: str | None):
         qpath = os.fspath(model_or_query_tower_path)
         query = load_tower(qpath)
         if doc_tower_path is None:
-            # BASE/query_tower[/VERSION] -> BASE/doc_tower[/same VERSION]
-            base, version = os.path.split(query.path)
-            doc_tower_path = os.path.join(os.path.dirname(base), "doc_tower", version)
-        doc = load_tower(doc_tower_path)
+            # MODEL_DIR/query_tower[/VERSION] -> MODEL_DIR/doc_tower/(same VERSION)
+            version = storage.basename(query.path)
+            doc_tower_path = storage.join(storage.parent(storage.parent(query.path)),
+                                          "doc_tower", version)
+        doc = load_tower(os.fspath(doc_tower_path))
         if query.dimension != doc.dimension or query.metadata.get("version") != doc.metadata.get("version"):
             raise ValueError(f"{query.path} and {doc.path} are not from the same export "
                              f"(dimension/version differ)")
@@ -68,11 +72,10 @@ def training_items(pattern: str) -> dict[str, set[str]]:
 def _read_split(data_dir: str | None) -> dict:
     if not data_dir:
         return {}
-    path = os.path.join(data_dir, "split.json")
-    if not os.path.exists(path):
+    path = storage.join(data_dir, "split.json")
+    if not storage.exists(path):
         return {"split_file": None}
-    with open(path) as f:
-        return {"split_file": path, **json.load(f)}
+    return {"split_file": path, **storage.read_json(path, "split description")}
 
 
 def positive_rank(scores: np.ndarray, row: int, excluded_rows=None) -> tuple[int, int]:
@@ -143,14 +146,10 @@ def evaluate(model_or_query_tower_path, *, eval_pattern: str, corpus: Corpus | s
                       for p, h in hits.items()},
         "examples": n, "positives_missing_from_corpus": missing, "corpus_size": len(corpus),
         "ks": ks, "split": {**_read_split(data_dir), "eval_files": files,
-                            "train_files": sorted(glob.glob(train_pattern)) if train_pattern else []},
+                            "train_files": storage.glob(train_pattern) if train_pattern else []},
         **described, "seconds": round(time.time() - start, 3),
     }
     log.info("evaluation over %d examples, %d documents: %s", n, len(corpus), result["protocols"])
-    if output:
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        tmp = output + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2, sort_keys=True)
-        os.replace(tmp, output)
+    if output:  # one object write: on GCS it appears whole (ebr.storage.write_bytes)
+        storage.write_bytes(output, json.dumps(result, indent=2, sort_keys=True).encode("utf-8"))
     return result

@@ -1,12 +1,17 @@
 """Export of the two towers as SavedModels that stock TF Serving loads (docs/contracts.md s.3).
 
-`MODEL_DIR/{query_tower,doc_tower}/VERSION/` with a `serving_default` signature taking every
-tower input by its schema name as raw strings (scalar kinds [B], MULTI kinds [B, N] padded with
-"") and returning `embedding` float32 [B, D], L2-normalised; `ebr_metadata.json` beside it.
-Each version is written into a temp directory and renamed into place, so TF Serving (which
-polls for numeric directories) never sees a half-written model. The graphs are checked for
-TFRS / ScaNN / py_function ops before the rename. `load_tower` is the checked loader used by
-evaluation, batch embedding and the retrieval service.
+Place in the data flow: the last step of `trainer.task` (training -> towers), read by evaluation
+(`trainer.evaluate`), batch embedding (`ebr embed`), the model server and the retrieval service.
+
+`MODEL_DIR/{query_tower,doc_tower}/VERSION/` on any URI (local or gs://) with a
+`serving_default` signature taking every tower input by its schema name as raw strings (scalar
+kinds [B], MULTI kinds [B, N] padded with "") and returning `embedding` float32 [B, D],
+L2-normalised; `ebr_metadata.json` beside it and the commit marker `_COMMITTED` last. Each tower
+is saved into a local staging directory, its graph checked for TFRS / ScaNN / py_function ops,
+then both are published as one version by `ebr.artifacts.publish_towers` (saved_model.pb last
+in each, the query tower's commit marker last of all): a reader (or a kill) never sees a half
+pair. `load_tower` is the checked loader; it takes a tower base (newest committed version) or a
+version directory on any URI (tf.saved_model.load reads gs:// itself).
 """
 from __future__ import annotations
 
@@ -14,17 +19,15 @@ import datetime
 import json
 import logging
 import os
-import shutil
 import tempfile
 
 import numpy as np
 import tensorflow as tf
 
-from ebr import features
+from ebr import artifacts, features, storage
 
 log = logging.getLogger(__name__)
 
-METADATA_FILE = "ebr_metadata.json"
 TOWERS = {"query_tower": (features.QUERY, features.QUERY_INPUTS),
           "doc_tower": (features.DOCUMENT, features.DOC_INPUTS)}
 # Stock TF Serving has none of these (tensorflow/recommenders #182, #216).
@@ -44,16 +47,9 @@ def input_specs(names: tuple[str, ...]) -> dict[str, tf.TensorSpec]:
     return specs
 
 
-def _versions(base: str) -> list[int]:
-    if not os.path.isdir(base):
-        return []
-    return sorted(int(d) for d in os.listdir(base) if d.isdigit() and int(d) > 0)
-
-
 def next_version(model_dir: str) -> int:
-    """One more than the newest version of either tower under `model_dir` (1 when empty)."""
-    existing = [v for name in TOWERS for v in _versions(os.path.join(model_dir, name))]
-    return (max(existing) + 1) if existing else 1
+    """One more than any version directory of either tower under `model_dir` (1 when empty)."""
+    return artifacts.next_version(*(artifacts.tower_base(model_dir, name) for name in TOWERS))
 
 
 def exported_op_types(path: str) -> set[str]:
@@ -61,8 +57,7 @@ def exported_op_types(path: str) -> set[str]:
     from tensorflow.core.protobuf import saved_model_pb2
 
     sm = saved_model_pb2.SavedModel()
-    with open(os.path.join(path, "saved_model.pb"), "rb") as f:
-        sm.ParseFromString(f.read())
+    sm.ParseFromString(storage.read_bytes(storage.join(path, artifacts.SAVED_MODEL)))
     ops = set()
     for mg in sm.meta_graphs:
         ops.update(n.op for n in mg.graph_def.node)
@@ -94,74 +89,63 @@ def _save_tower(tower, names: tuple[str, ...], path: str) -> None:
 
 def export_towers(model, model_dir: str, version: int | None = None, metadata: dict | None = None
                   ) -> dict[str, str]:
-    """Write `model.query_tower` and `model.doc_tower` under `model_dir`; returns name -> path.
+    """Publish `model.query_tower` and `model.doc_tower` under `model_dir` (any URI) as one
+    committed version; returns name -> version directory.
 
     `metadata` adds keys such as "config" and "metrics" to ebr_metadata.json; `version` None or 0
-    picks `next_version(model_dir)`. An existing version is never overwritten.
+    picks `next_version(model_dir)`. A committed version is never overwritten; leftovers of an
+    interrupted export (uncommitted, or committed by one tower only) are removed first.
     """
+    model_dir = storage.normalize(model_dir)
     version = int(version or next_version(model_dir))
     if version <= 0:
         raise ValueError(f"export version must be a positive integer, got {version}")
-    paths = {}
-    for name, (side, names) in TOWERS.items():
-        tower = getattr(model, name)
-        base = os.path.join(model_dir, name)
-        final = os.path.join(base, str(version))
-        if os.path.exists(final):
+    for name in TOWERS:
+        final = storage.join(artifacts.tower_base(model_dir, name), version)
+        if artifacts.is_committed(final):
             raise ExportError(f"{final} already exists; versions are immutable, pick a new one")
-        os.makedirs(base, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=base)
-        try:
-            _save_tower(tower, names, tmp)
-            check_ops(tmp)
+    with tempfile.TemporaryDirectory(prefix=f"ebr-export-{version}-") as staging:
+        staged = {}
+        for name in artifacts.TOWERS:
+            side, names = TOWERS[name]
+            tower = getattr(model, name)
+            local = os.path.join(staging, name)
+            _save_tower(tower, names, local)
+            check_ops(local)
             meta = {"model_name": name, "version": version,
                     "dimension": int(tower.mlp.layers[-1].units), "schema_hash": features.schema_hash(),
                     "inputs": list(names), "config": {}, "metrics": {},
                     "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
             meta.update({k: v for k, v in (metadata or {}).items()
                          if k not in ("model_name", "version", "dimension", "schema_hash")})
-            with open(os.path.join(tmp, METADATA_FILE), "w") as f:
+            with open(os.path.join(local, artifacts.MODEL_METADATA), "w") as f:
                 json.dump(meta, f, indent=2, sort_keys=True, default=str)
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        log.info("exported %s version %d to %s", name, version, final)
-        paths[name] = final
-    return paths
-
-
-def resolve_version_dir(path: str) -> str:
-    """`BASE/NAME` (newest version) or `BASE/NAME/VERSION` -> the version directory."""
-    path = os.path.normpath(path)
-    if os.path.exists(os.path.join(path, "saved_model.pb")):
-        return path
-    versions = _versions(path)
-    if not versions:
-        raise ExportError(f"{path}: no saved_model.pb and no numeric version directories")
-    return os.path.join(path, str(versions[-1]))
+            staged[name] = local
+        try:
+            dirs = artifacts.publish_towers(staged, model_dir, version)
+        except artifacts.ArtifactError as e:
+            raise ExportError(str(e)) from None
+    for name, path in dirs.items():
+        log.info("exported %s version %d to %s", name, version, path)
+    return {name: dirs[name] for name in TOWERS}
 
 
 def read_metadata(version_dir: str) -> dict:
-    meta_path = os.path.join(version_dir, METADATA_FILE)
-    if not os.path.exists(meta_path):
-        raise ExportError(f"{meta_path} is missing: not a complete ebr tower export")
+    """`ebr_metadata.json` of a committed tower version, checked against this code's schema."""
     try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{meta_path}: line {e.lineno}: {e.msg}") from None
-    if meta.get("schema_hash") != features.schema_hash():
-        raise ExportError(f"{meta_path}: schema_hash {meta.get('schema_hash')!r} does not match this "
-                          f"code's feature schema {features.schema_hash()!r}; re-train or use matching code")
-    return meta
+        return artifacts.read_model_metadata(version_dir, features.schema_hash())
+    except artifacts.ArtifactError as e:
+        raise ExportError(str(e)) from None
 
 
 class LoadedTower:
     """An exported tower: call it with a dict of numpy / list inputs, get float32 [B, D]."""
 
     def __init__(self, path: str):
-        self.path = resolve_version_dir(path)
+        try:
+            self.path = artifacts.resolve(path, "tower")
+        except (artifacts.ArtifactError, storage.StorageError) as e:
+            raise ExportError(str(e)) from None
         self.metadata = read_metadata(self.path)
         try:
             self._saved = tf.saved_model.load(self.path)
@@ -173,7 +157,7 @@ class LoadedTower:
         self.input_specs = self.signature.structured_input_signature[1]
         self.input_names = tuple(sorted(self.input_specs))
         self.dimension = int(self.metadata["dimension"])
-        self.name = self.metadata.get("model_name", os.path.basename(os.path.dirname(self.path)))
+        self.name = self.metadata.get("model_name", storage.basename(storage.parent(self.path)))
 
     def _tensor(self, name: str, value) -> tf.Tensor:
         spec = self.input_specs[name]
@@ -195,5 +179,5 @@ class LoadedTower:
 
 
 def load_tower(path: str) -> LoadedTower:
-    """Load `BASE/NAME[/VERSION]` checking metadata and schema hash."""
+    """Load `MODEL_DIR/NAME[/VERSION]` (committed only) checking metadata and schema hash."""
     return LoadedTower(path)

@@ -1,21 +1,27 @@
 """The training job: `python -m trainer.task` (Vertex AI / Kubeflow) and `ebr train`.
 
-Flags and a config file -> `TrainConfig`; reads `OUT/train` TFRecords with tf.data, trains the
+Place in the data flow: examples artifact (`ebr pipeline examples`, docs/contracts.md s.2) ->
+this job -> towers (s.3). Every path is a URI (local or gs://) read and written through
+`ebr.storage` / tf.io.gfile: the data dir is an examples artifact `EX` or `EX/VERSION`
+(resolved to its newest committed version with `ebr.artifacts.resolve`), and the model,
+checkpoint and TensorBoard directories may all be in Cloud Storage.
+
+Flags and a config file -> `TrainConfig`; reads `EX/VERSION/train` TFRecords with tf.data, trains the
 unified embedding model under MultiWorkerMirroredStrategy when TF_CONFIG (or Vertex's
 CLUSTER_SPEC) names several workers, backs up every `checkpoint_every_steps` steps with Keras
 BackupAndRestore (a killed job resumes where it stopped), logs to TensorBoard, evaluates recall@K
-on `OUT/eval`, exports the towers (docs/contracts.md section 3) and reports the tuning metric in
+on `EX/VERSION/eval`, exports the towers (docs/contracts.md section 3) and reports the tuning metric in
 the cloudml-hypertune file format. Bad input and NaN losses end the job with a non-zero exit
 and a one-line reason.
 
-Vertex AI conventions: AIP_MODEL_DIR, AIP_CHECKPOINT_DIR, AIP_TENSORBOARD_LOG_DIR fill the
-config's empty paths; CLUSTER_SPEC is turned into TF_CONFIG when TF_CONFIG is absent.
+Vertex AI conventions: AIP_MODEL_DIR, AIP_CHECKPOINT_DIR, AIP_TENSORBOARD_LOG_DIR (gs:// URIs
+as Vertex sets them) fill the config's empty paths; CLUSTER_SPEC is turned into TF_CONFIG when
+TF_CONFIG is absent.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import json
 import logging
 import math
@@ -87,15 +93,30 @@ def make_strategy(tf_config: dict):
 
 
 def resolve_paths(config: "TrainConfig") -> "TrainConfig":
-    """Fill empty output paths from Vertex's AIP_* variables, then from model_dir."""
+    """Fill empty output paths from Vertex's AIP_* variables, then from model_dir; every path a
+    normalised URI (Vertex's gs://.../ values lose their trailing slash). The data dir stays as
+    given: `resolve_data_dir` turns it into the examples version to read."""
+    from ebr import storage
+
     model_dir = config.model_dir or os.environ.get("AIP_MODEL_DIR", "")
     if not model_dir:
         raise ValueError("no model directory: set model_dir (--model-dir) or AIP_MODEL_DIR")
     if not config.data_dir:
         raise ValueError("no data directory: set data_dir (--data-dir), the output of `ebr pipeline examples`")
-    ckpt = config.checkpoint_dir or os.environ.get("AIP_CHECKPOINT_DIR", "") or os.path.join(model_dir, "checkpoints")
-    tb = config.tensorboard_dir or os.environ.get("AIP_TENSORBOARD_LOG_DIR", "") or os.path.join(model_dir, "logs")
-    return dataclasses.replace(config, model_dir=model_dir, checkpoint_dir=ckpt, tensorboard_dir=tb)
+    model_dir = storage.normalize(model_dir)
+    ckpt = (config.checkpoint_dir or os.environ.get("AIP_CHECKPOINT_DIR", "")
+            or storage.join(model_dir, "checkpoints"))
+    tb = (config.tensorboard_dir or os.environ.get("AIP_TENSORBOARD_LOG_DIR", "")
+          or storage.join(model_dir, "logs"))
+    return dataclasses.replace(config, model_dir=model_dir, checkpoint_dir=storage.normalize(ckpt),
+                               tensorboard_dir=storage.normalize(tb))
+
+
+def resolve_data_dir(data_dir: str) -> str:
+    """`EX` (newest committed examples version) or `EX/VERSION` -> the version directory."""
+    from ebr import artifacts
+
+    return artifacts.resolve(data_dir, "examples")
 
 
 def report_hypertune(tag: str, value: float, step: int) -> str:
@@ -150,7 +171,7 @@ def _callbacks(config, model, steps_per_epoch: int, chief: bool):
 
     progress = Progress()
     backup = tf.keras.callbacks.BackupAndRestore(
-        os.path.join(config.checkpoint_dir, "backup"), save_freq=config.checkpoint_every_steps,
+        _join(config.checkpoint_dir, "backup"), save_freq=config.checkpoint_every_steps,
         delete_checkpoint=True)
     callbacks = [backup, progress, tf.keras.callbacks.TerminateOnNaN(),
                  tf.keras.callbacks.TensorBoard(config.tensorboard_dir, update_freq=progress.every,
@@ -176,6 +197,12 @@ def _has_negatives(files: list[str]) -> bool:
     return False
 
 
+def _join(base: str, *parts: str) -> str:
+    from ebr import storage
+
+    return storage.join(base, *parts)
+
+
 def _worker_dir(path: str, chief: bool) -> str:
     """MWMS: every worker writes (saving may need all of them); non-chiefs to a temp dir."""
     return path if chief else tempfile.mkdtemp(prefix="ebr-worker-")
@@ -188,10 +215,13 @@ def train(config: "TrainConfig") -> dict:
     from trainer import data
     from trainer.corpus import load_corpus, load_frequencies
     from trainer.evaluate import evaluate
+    from ebr import storage
     from trainer.export import export_towers, next_version
     from trainer.model import UnifiedEmbeddingModel, make_optimizer
 
     config = resolve_paths(config)
+    d = resolve_data_dir(config.data_dir)
+    log.info("examples: %s", d)
     tf_config = cluster_from_env()
     chief = is_chief(tf_config)
     strategy = make_strategy(tf_config)
@@ -199,11 +229,10 @@ def train(config: "TrainConfig") -> dict:
     replicas = strategy.num_replicas_in_sync
     if config.batch_size % replicas:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by {replicas} replicas")
-    d = config.data_dir
-    train_files = data.list_files(os.path.join(d, config.train_pattern))
-    corpus = load_corpus(os.path.join(d, config.corpus_pattern))
-    freq = os.path.join(d, "doc_frequencies-*.tsv")
-    if glob.glob(freq):
+    train_files = data.list_files(storage.join(d, config.train_pattern))
+    corpus = load_corpus(storage.join(d, config.corpus_pattern))
+    freq = storage.join(d, "doc_frequencies-*.tsv")
+    if storage.glob(freq):
         load_frequencies(corpus, freq)
     with data.named_errors(train_files):
         steps_per_epoch = config.steps_per_epoch or max(1, _count_records(train_files) // config.batch_size)
@@ -231,29 +260,33 @@ def train(config: "TrainConfig") -> dict:
     steps = int(model.optimizer.iterations.numpy())
     train_seconds = time.time() - t0
     final_ckpt = tf.train.Checkpoint(model=model).write(
-        os.path.join(_worker_dir(os.path.join(config.checkpoint_dir, "final"), chief), "ckpt"))
+        _join(_worker_dir(_join(config.checkpoint_dir, "final"), chief), "ckpt"))
     metrics: dict = {"loss": float(history.history["loss"][-1]) if history.history.get("loss") else None,
                      "steps": steps, "train_seconds": round(train_seconds, 2)}
-    eval_glob = os.path.join(d, config.eval_pattern)
-    if glob.glob(eval_glob):
+    eval_glob = storage.join(d, config.eval_pattern)
+    if storage.glob(eval_glob):
         ev = evaluate(model, eval_pattern=eval_glob, corpus=corpus, ks=config.eval_ks,
-                      train_pattern=os.path.join(d, config.train_pattern), data_dir=d,
+                      train_pattern=storage.join(d, config.train_pattern), data_dir=d,
                       batch_size=config.eval_batch_size)
         metrics["eval"] = ev
     version = config.version or next_version(config.model_dir)
+    # MWMS: every worker saves (saving may need all of them); non-chiefs into a local temp dir
+    # that is dropped afterwards, so only the chief publishes.
     export_base = _worker_dir(config.model_dir, chief)
     exports = export_towers(model, export_base, version, {
         "config": dataclasses.asdict(config), "metrics": _headline(metrics),
-        "training": {"steps": steps, "replicas": replicas, "train_files": train_files}})
+        "training": {"steps": steps, "replicas": replicas, "data_dir": d,
+                     "train_files": train_files}})
     result = {"metrics": metrics, "exports": exports, "steps": steps, "version": version,
-              "resumed_from_step": progress.start_step, "checkpoint": final_ckpt, "chief": chief}
+              "data_dir": d, "resumed_from_step": progress.start_step, "checkpoint": final_ckpt,
+              "chief": chief}
     if chief:
         headline = _headline(metrics)
         if config.hypertune_metric in headline:
             result["hypertune_file"] = report_hypertune(config.hypertune_metric,
                                                         headline[config.hypertune_metric], steps)
-        with open(os.path.join(config.model_dir, f"train_result-{version}.json"), "w") as f:
-            json.dump(result, f, indent=2, default=str)
+        storage.write_bytes(storage.join(config.model_dir, f"train_result-{version}.json"),
+                            json.dumps(result, indent=2, default=str).encode("utf-8"))
     else:
         shutil.rmtree(export_base, ignore_errors=True)
         result["exports"] = {}
@@ -275,11 +308,14 @@ def _headline(metrics: dict) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="JSON or YAML file with TrainConfig fields")
-    parser.add_argument("--data-dir", "--data_dir", dest="data_dir", help="output of `ebr pipeline examples`")
-    parser.add_argument("--model-dir", "--model_dir", dest="model_dir", help="export base (else AIP_MODEL_DIR)")
+    parser.add_argument("--data-dir", "--data_dir", dest="data_dir",
+                        help="examples artifact of `ebr pipeline examples`: EX (newest committed "
+                             "version) or EX/VERSION, any URI")
+    parser.add_argument("--model-dir", "--model_dir", dest="model_dir",
+                        help="export base, any URI (else AIP_MODEL_DIR)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. --set loss.queue_size=4096 (repeatable)")
-    parser.add_argument("--output", help="write the result JSON here")
+    parser.add_argument("--output", help="write the result JSON here (any URI)")
 
 
 def config_from_args(args: argparse.Namespace, extra: list[str] | None = None):
@@ -309,19 +345,21 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     """Shared by `python -m trainer.task` and `ebr train`: exit code, one-line errors."""
     import tensorflow as tf
 
+    from ebr import storage
+
     try:
         config = config_from_args(args, extra)
         result = train(config)
     except TrainingError as e:
         print(f"training failed: {e}", file=sys.stderr)
         return EXIT_NAN
-    except (ValueError, FileNotFoundError, KeyError, tf.errors.DataLossError) as e:
+    except (ValueError, FileNotFoundError, KeyError, storage.StorageError,
+            tf.errors.DataLossError) as e:
         print(f"bad input: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     text = json.dumps(result, indent=2, default=str)
     if args.output:
-        with open(args.output, "w") as f:
-            f.write(text)
+        storage.write_bytes(args.output, text.encode("utf-8"))
     print(text)
     return 0
 

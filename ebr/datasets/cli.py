@@ -1,5 +1,6 @@
 """`ebr data social` and `ebr data movielens`: write the two data sets in the canonical
-raw-log format (docs/data-format.md). Thin wrappers over `generate_social` / `convert_movielens`."""
+raw-log format (docs/data-format.md) to a plain directory on any URI (`--out gs://...` too).
+Thin wrappers over `generate_social` / `convert_movielens`."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,8 @@ def register(subparsers) -> None:
                        description="Generated social-search logs: people, groups, pages and events "
                                    "with shared names, a friendship graph, a legacy boolean engine's "
                                    "impressions and clicks from a hidden relevance.")
-    s.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    s.add_argument("--out", required=True, help="output directory, any URI (local, gs://); an earlier "
+                        "raw-log output there is replaced")
     s.add_argument("--documents", type=int, default=20_000)
     s.add_argument("--sessions", type=int, default=50_000)
     s.add_argument("--seed", type=int, default=0)
@@ -28,9 +30,11 @@ def register(subparsers) -> None:
     m = sub.add_parser("movielens", help="convert MovieLens-100K",
                        description="MovieLens-100K as raw logs: each rating a session with an empty "
                                    "query and one click.")
-    m.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    m.add_argument("--out", required=True, help="output directory, any URI (local, gs://); an earlier "
+                        "raw-log output there is replaced")
     m.add_argument("--source", default=None,
-                   help="RecBole atomic files, GroupLens ml-100k/ directory or recbole wheel; "
+                   help="RecBole atomic files, GroupLens ml-100k/ directory or recbole wheel "
+                        "(any URI); "
                         "default: pip download recbole==1.2.1 into --cache-dir")
     m.add_argument("--cache-dir", default=None, help="default ~/.cache/ebr/recbole")
     m.add_argument("--gzip", action="store_true", help="write .jsonl.gz")
@@ -45,9 +49,7 @@ def _social(args: argparse.Namespace) -> int:
                  f"gzip={args.gzip}"] + ([f"searchers={args.searchers}"] if args.searchers else [])
     cfg = config.load(SocialConfig, None, overrides + list(args.set))
     cfg.validate()
-    from pathlib import Path
-
-    summary = _generate(Path(args.out), cfg)
+    summary = _generate(args.out, cfg)
     print(json.dumps(summary, indent=2))
     return 0
 

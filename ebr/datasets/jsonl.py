@@ -1,9 +1,13 @@
-"""JSON Lines I/O for the canonical raw logs (docs/data-format.md), plain or gzip.
+"""JSON Lines I/O for the canonical raw logs (docs/data-format.md), plain or gzip, any URI.
 
-The data-set writers (`ebr data social|movielens`) stream records through `JsonlWriter` into a
-temporary directory that `atomic_output_dir` renames into place only once everything is
-written, so a rerun never leaves old and new files mixed. `read_jsonl` is the matching
-streaming reader: every error names the file and the 1-based line.
+Place in the data flow: the data-set writers (`ebr data social|movielens --out RAW`) stream
+records through `JsonlWriter` into a local staging directory (`staged_output_dir`), which is
+uploaded to RAW through `ebr.storage` only once everything is written (local disk or gs://;
+a plain, unversioned directory, docs/contracts.md). A failed run leaves RAW as it was; a rerun
+leaves no file of the earlier output that the new one does not have. `read_jsonl` is the
+matching streaming reader (local files directly, remote ones through tf.io.gfile): every error
+names the file and the 1-based line. `ebr pipeline examples` reads RAW through Beam's file
+systems (`beam_pipelines/rawlog.py`).
 """
 from __future__ import annotations
 
@@ -12,14 +16,17 @@ import gzip
 import io
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from ebr import storage
+
 RAW_FILES = ("searchers", "documents", "sessions")
-# Files whose presence marks a directory as an earlier output of ours, safe to replace whole.
-_OUTPUT_MARKERS = ("generator.json", "source.json") + tuple(
+# Written last (and removed first) when an output is replaced: present means complete.
+_META_FILES = ("generator.json", "source.json")
+# Files whose presence marks a directory as an earlier output of ours, safe to replace.
+_OUTPUT_MARKERS = _META_FILES + tuple(
     f"{name}.jsonl{ext}" for name in RAW_FILES for ext in ("", ".gz"))
 
 
@@ -90,23 +97,57 @@ class JsonlWriter:
         self.close()
 
 
-def find_raw_file(directory: str | Path, name: str) -> Path:
-    """`DIR/name.jsonl` or `DIR/name.jsonl.gz`; a clear error naming both when neither exists."""
-    d = Path(directory)
-    for candidate in (d / f"{name}.jsonl", d / f"{name}.jsonl.gz"):
-        if candidate.is_file():
+def find_raw_file(directory: str | Path, name: str) -> str:
+    """`DIR/name.jsonl` or `DIR/name.jsonl.gz` (any URI); a clear error naming both when
+    neither exists."""
+    d = storage.normalize(directory)
+    for candidate in (storage.join(d, f"{name}.jsonl"), storage.join(d, f"{name}.jsonl.gz")):
+        if storage.exists(candidate) and not storage.isdir(candidate):
             return candidate
     raise FileNotFoundError(f"{d}: neither {name}.jsonl nor {name}.jsonl.gz exists")
 
 
+@contextlib.contextmanager
+def _open_read(path: str):
+    """Binary lines of a local or remote (tf.io.gfile) file, gunzipped by extension."""
+    if storage.is_local(path):
+        raw = open(path, "rb")
+    else:
+        import tensorflow as tf
+
+        raw = tf.io.gfile.GFile(path, "rb")
+    try:
+        if path.endswith(".gz"):
+            with gzip.GzipFile(fileobj=raw, mode="rb") as gz:
+                yield io.BufferedReader(gz, 1 << 20)
+        else:
+            yield raw if storage.is_local(path) else io.BufferedReader(_RawGFile(raw), 1 << 20)
+    finally:
+        raw.close()
+
+
+class _RawGFile(io.RawIOBase):
+    """A GFile as a raw stream, so io.BufferedReader iterates its lines in C."""
+
+    def __init__(self, f) -> None:
+        self._f = f
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self._f.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yields `(line_number, record)` for every non-blank line; bad UTF-8, bad JSON or a
-    non-object line raises ValueError naming `path:line`."""
-    path = Path(path)
-    if not path.is_file():
+    """Yields `(line_number, record)` for every non-blank line of a local or remote (gs://)
+    file; bad UTF-8, bad JSON or a non-object line raises ValueError naming `path:line`."""
+    path = storage.normalize(path)
+    if not storage.exists(path) or storage.isdir(path):
         raise FileNotFoundError(f"{path}: no such file")
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as f:
+    with _open_read(path) as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
@@ -128,33 +169,48 @@ def read_records(path: str | Path) -> Iterator[dict]:
         yield record
 
 
-@contextlib.contextmanager
-def atomic_output_dir(out_dir: str | Path) -> Iterator[Path]:
-    """Yields a fresh temporary directory beside `out_dir`; on success it replaces `out_dir`
-    whole (rename), on failure it is removed and `out_dir` is left as it was.
+def check_replaceable(out: str) -> None:
+    """`out` must be absent, empty, or hold an earlier raw-log output (a marker file such as
+    generator.json or sessions.jsonl): pointing --out at an unrelated non-empty directory is an
+    error rather than a silent overwrite."""
+    if not storage.exists(out):
+        return
+    if not storage.isdir(out):
+        raise ValueError(f"check output {out}: exists and is not a directory")
+    names = set(storage.listdir(out))
+    if names and not names & set(_OUTPUT_MARKERS):
+        raise ValueError(f"check output {out}: is a non-empty directory that does not hold a "
+                         "raw-log output; refusing to replace it (choose an empty or new --out)")
 
-    An existing `out_dir` is replaced only if it is empty or holds an earlier raw-log output
-    (a marker file such as generator.json or sessions.jsonl): pointing --out at an unrelated
-    non-empty directory is an error rather than a silent deletion."""
-    out = Path(out_dir).absolute()
-    if out.exists():
-        if not out.is_dir():
-            raise ValueError(f"{out}: exists and is not a directory")
-        if any(out.iterdir()) and not any((out / m).exists() for m in _OUTPUT_MARKERS):
-            raise ValueError(f"{out}: is a non-empty directory that does not hold a raw-log output; "
-                             "refusing to replace it (choose an empty or new --out)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the output is ordinary data
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.rename(out, old / "x")
-    os.rename(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+
+def publish_raw(staging: str | Path, out: str) -> list[str]:
+    """Uploads a staged raw-log directory to `out` (any URI) through `ebr.storage`.
+
+    Object stores have no directory rename, so the files are replaced one by one, in an
+    order that lets a reader tell a finished output: the old generator.json / source.json go
+    first, then raw-log files of an earlier output that this one does not have (e.g. `.gz`
+    after a plain run), then the new data files, the new generator.json / source.json last."""
+    staging = str(staging)
+    new = storage.walk_files(staging)
+    meta = [f for f in new if f in _META_FILES]
+    present = set(storage.listdir(out))
+    for name in _META_FILES:
+        if name in present:
+            storage.remove(storage.join(out, name))
+    for name in sorted(present & set(_OUTPUT_MARKERS) - set(new)):
+        storage.remove(storage.join(out, name))
+    for rel in [f for f in new if f not in meta] + meta:
+        storage.copy_file(os.path.join(staging, *rel.split("/")), storage.join(out, rel))
+    return new
+
+
+@contextlib.contextmanager
+def staged_output_dir(out_dir: str | Path) -> Iterator[Path]:
+    """Yields a fresh local staging directory; on success its files replace the raw-log
+    output at `out_dir` (any URI, `publish_raw`), on failure it is removed and `out_dir` is
+    left as it was. Refuses an unrelated non-empty `out_dir` before anything is written."""
+    out = storage.normalize(out_dir)
+    check_replaceable(out)
+    with tempfile.TemporaryDirectory(prefix="ebr-raw-") as tmp:
+        yield Path(tmp)
+        publish_raw(tmp, out)

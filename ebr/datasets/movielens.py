@@ -23,7 +23,8 @@ import zipfile
 from pathlib import Path
 from typing import Iterator
 
-from ebr.datasets.jsonl import JsonlWriter, atomic_output_dir
+from ebr import storage
+from ebr.datasets.jsonl import JsonlWriter, staged_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -285,11 +286,26 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _download_source(uri: str, cache_dir: str | Path | None) -> Path:
+    """A remote --source (directory or wheel, e.g. gs://...) copied into the local cache,
+    keyed by its URI, through `ebr.storage`."""
+    key = hashlib.sha256(uri.encode("utf-8")).hexdigest()[:16]
+    local = Path(cache_dir or DEFAULT_CACHE).expanduser() / "remote" / key / storage.basename(uri)
+    if storage.isdir(uri):
+        if not storage.download_tree(uri, str(local)):
+            raise FileNotFoundError(f"{uri}: MovieLens source directory is empty or missing")
+    elif storage.exists(uri):
+        storage.copy_file(uri, str(local))
+    else:
+        raise FileNotFoundError(f"{uri}: MovieLens source does not exist")
+    return local
+
+
 def convert_movielens(out_dir: str | Path, source: str | Path | None = None,
                       cache_dir: str | Path | None = None, gzip: bool = False,
                       check_counts: bool | None = None) -> dict:
-    """Writes the canonical raw logs for MovieLens-100K to `out_dir` (atomically) and returns a
-    summary. `check_counts` (default: on for the downloaded data) insists on 943 / 1,682 /
+    """Writes the canonical raw logs for MovieLens-100K to `out_dir` (any URI; staged locally,
+    uploaded once complete, source.json last) and returns a summary. `check_counts` (default: on for the downloaded data) insists on 943 / 1,682 /
     100,000 so a truncated download cannot pass silently."""
     origin: dict = {}
     if source is None:
@@ -299,6 +315,8 @@ def convert_movielens(out_dir: str | Path, source: str | Path | None = None,
                   "wheel_path": WHEEL_DIR}
         check_counts = True if check_counts is None else check_counts
     else:
+        if not storage.is_local(str(source)):
+            source = _download_source(str(source), cache_dir)
         layout, src_dir = detect_layout(Path(source))
         if layout == "wheel":
             # Keyed by the wheel's hash so a user's wheel never replaces the fetched copy.
@@ -314,7 +332,7 @@ def convert_movielens(out_dir: str | Path, source: str | Path | None = None,
     ext = ".jsonl.gz" if gzip else ".jsonl"
     user_ids = {u.user_id for u in users}
     item_ids = {m.item_id for m in movies}
-    with atomic_output_dir(out_dir) as tmp:
+    with staged_output_dir(out_dir) as tmp:
         with JsonlWriter(tmp / f"searchers{ext}") as f:
             for u in users:
                 f.write({"searcher_id": f"u{u.user_id}", "region": zip_region(u.zip_code),
@@ -349,4 +367,4 @@ def convert_movielens(out_dir: str | Path, source: str | Path | None = None,
                 "files": {name: {"sha256": _sha256(src_dir / name)} for name in files},
                 "counts": counts, **origin}
         (tmp / "source.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return {**counts, "layout": layout, "source": str(src_dir), "out": str(Path(out_dir))}
+    return {**counts, "layout": layout, "source": str(src_dir), "out": str(out_dir)}

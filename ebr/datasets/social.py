@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 
 from ebr.datasets import social_tables as T
-from ebr.datasets.jsonl import JsonlWriter, atomic_output_dir
+from ebr.datasets.jsonl import JsonlWriter, staged_output_dir
 from ebr.datasets.social_engine import BooleanEngine
 from ebr.datasets.social_world import (AGE_BUCKETS, PERSON, TYPE_NAMES, TYPE_PREFIX, Segments, World,
                                        build_world)
@@ -307,13 +307,13 @@ def doc_id(world: World, d: int) -> str:
 def generate_social(out_dir: str | Path, documents: int = 20_000, sessions: int = 50_000,
                     seed: int = 0, searchers: int | None = None, **overrides) -> dict:
     """Writes searchers/documents/sessions (.jsonl or .jsonl.gz) and generator.json to `out_dir`
-    atomically; returns a summary (counts, timings, sessions per second)."""
+    (any URI; staged locally, uploaded once complete, generator.json last); returns a summary (counts, timings, sessions per second)."""
     cfg = SocialConfig(documents=documents, sessions=sessions, seed=seed, searchers=searchers, **overrides)
     cfg.validate()
-    return _generate(Path(out_dir), cfg)
+    return _generate(str(out_dir), cfg)
 
 
-def _generate(out_dir: Path, cfg: SocialConfig) -> dict:
+def _generate(out_dir: str, cfg: SocialConfig) -> dict:
     t0 = time.perf_counter()
     world_seq, session_seq = np.random.SeedSequence(cfg.seed).spawn(2)
     world = build_world(cfg, np.random.default_rng(world_seq))
@@ -321,7 +321,7 @@ def _generate(out_dir: Path, cfg: SocialConfig) -> dict:
     log.info("social world: %d people, %d documents, %d friendships in %.1fs",
              world.n_people, len(world.texts), len(world.adj) // 2, t_world)
     ext = ".jsonl.gz" if cfg.gzip else ".jsonl"
-    with atomic_output_dir(out_dir) as tmp:
+    with staged_output_dir(out_dir) as tmp:
         t1 = time.perf_counter()
         _write_world(world, tmp, ext, cfg.start_time)
         t_write_world = time.perf_counter() - t1
