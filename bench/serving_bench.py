@@ -329,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     encoder = source.open(None)
     dim = encoder.info.dimension
     index_base = work / "index"
-    if not embedder_versions(index_base):
+    from ebr import artifacts
+
+    if not artifacts.versions(str(index_base)):
         build_index(work, n_docs, dim, encoder.info.version)
     searcher = index.open_index(str(index_base))
     params = {"nprobe": args.nprobe} if args.nprobe else None
@@ -486,12 +488,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     return 0
-
-
-def embedder_versions(base: Path) -> list[int]:
-    from serving.retrieval_service import index_versions
-
-    return index_versions(base)
 
 
 if __name__ == "__main__":

@@ -236,16 +236,18 @@ def publish_dir(local_dir: str, base: str, *, version: int | None = None,
     return vdir
 
 
-def verify(vdir: str, marker: dict | None = None, checksums: bool = False) -> None:
-    """Every file the commit marker lists exists with its size (and sha256 when asked)."""
+def verify(vdir: str, marker: dict | None = None, checksums: bool = False,
+           listed_in: str = COMMIT_MARKER) -> None:
+    """Every file `marker["files"]` lists (default: the commit marker's; an index passes its
+    manifest's) exists with its size, and its sha256 when asked; the error names the file."""
     marker = marker if marker is not None else read_commit(vdir)
     for rel, want in sorted(marker.get("files", {}).items()):
         path = storage.join(vdir, rel)
         if not storage.exists(path):
-            raise ArtifactError(f"{path} is missing (listed in {vdir}/{COMMIT_MARKER})")
+            raise ArtifactError(f"{path} is missing (listed in {vdir}/{listed_in})")
         got = storage.size(path)
         if got != want["bytes"]:
-            raise ArtifactError(f"{path} is truncated or altered: {got} bytes, commit marker "
+            raise ArtifactError(f"{path} is truncated or altered: {got} bytes, {listed_in} "
                                 f"says {want['bytes']}")
         if checksums and "sha256" in want and storage.sha256_file(path) != want["sha256"]:
             raise ArtifactError(f"{path} fails its sha256 checksum (corrupt file)")

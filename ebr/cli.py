@@ -42,11 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ebr.storage import StorageError
+
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        # Bad input is reported as one clear line, not a traceback (the message names the
-        # file / record / field); anything else is a bug and keeps its traceback.
+    except (FileNotFoundError, ValueError, KeyError, StorageError) as e:
+        # Bad input, and storage failures (ebr.storage names the operation and the path), are
+        # one clear line, not a traceback; anything else is a bug and keeps its traceback.
         print(f"ebr {args.command}: error: {e}", file=sys.stderr)
         return 2
 

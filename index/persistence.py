@@ -109,17 +109,10 @@ def read_manifest(vdir) -> dict:
 
 def verify_files(vdir, manifest: dict) -> None:
     """Every listed file exists with its size and sha256; the error names the first bad one."""
-    vdir = str(vdir)
-    for rel, want in sorted(manifest["files"].items()):
-        f = storage.join(vdir, rel)
-        if not storage.exists(f):
-            raise CorruptIndexFile(f"{f} is missing (listed in {storage.join(vdir, MANIFEST)})")
-        size = storage.size(f)
-        if size != want["bytes"]:
-            raise CorruptIndexFile(f"{f} is truncated or altered: {size} bytes, manifest says "
-                                   f"{want['bytes']}")
-        if storage.sha256_file(f) != want["sha256"]:
-            raise CorruptIndexFile(f"{f} fails its sha256 checksum (corrupt file)")
+    try:
+        artifacts.verify(str(vdir), manifest, checksums=True, listed_in=MANIFEST)
+    except artifacts.ArtifactError as e:
+        raise CorruptIndexFile(str(e)) from None
 
 
 def check_model(vdir, manifest: dict, schema_hash: str | None, model_version) -> None:

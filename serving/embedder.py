@@ -226,7 +226,7 @@ class RemoteModelSource:
         self.metadata_dir = storage.normalize(os.fspath(metadata_dir)) if metadata_dir else None
         options = [("grpc.max_receive_message_length", 64 << 20)]
         if tls_ca:
-            creds = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes())
+            creds = grpc.ssl_channel_credentials(storage.read_bytes(tls_ca))
             self.channel = grpc.secure_channel(address, creds, options=options)
         else:
             self.channel = grpc.insecure_channel(address, options=options)
@@ -271,7 +271,10 @@ class RemoteModelSource:
                                f"AVAILABLE of {self.model_name} at {self.address}")
         source = f"{self.address}/{self.model_name}/{version}"
         if self.metadata_dir is not None:
-            meta = read_metadata(storage.join(self.metadata_dir, version))
+            try:
+                meta = read_metadata(storage.join(self.metadata_dir, version))
+            except artifacts.ArtifactError as e:  # served, but its export not readable here
+                raise ModelUnavailable(str(e)) from None
             info = ModelInfo(version, int(meta["dimension"]), str(meta["schema_hash"]), source)
         else:
             info = ModelInfo(version, self._dimension(version), None, source)

@@ -234,97 +234,11 @@ def tower_base(model: str, model_name: str = "query_tower") -> str:
     return model if storage.basename(model) in artifacts.TOWERS else storage.join(model, model_name)
 
 
-class _VersionDir(str):
-    """A version directory URI that answers `.name` like a Path (embedder.LocalEncoder reads
-    the version from it); pathlib itself would fold `gs://` into `gs:/`."""
-
-    @property
-    def name(self) -> str:
-        return storage.basename(self)
-
-
-class TowerSource:
-    """The query tower in-process, from `MODEL_DIR/query_tower` on any URI: its committed
-    versions (`artifacts.versions`: a version counts once both towers committed it, docs/
-    contracts.md section 3), each loaded by `trainer.export.load_tower` (embedder.LocalEncoder)."""
-
-    def __init__(self, base: str):
-        self.base = storage.normalize(base)
-        if not storage.isdir(self.base):
-            raise FileNotFoundError(f"model directory {self.base} does not exist")
-        self._cache: dict[int, embedder.LocalEncoder] = {}
-        self._lock = threading.Lock()
-
-    def versions(self) -> list[int]:
-        return artifacts.versions(self.base)
-
-    def open(self, version: int | None) -> "embedder.LocalEncoder":
-        version = embedder.pick_version(self.versions(), version,
-                                        f"committed under {self.base}")
-        with self._lock:
-            if version not in self._cache:
-                vdir = artifacts.resolve(storage.join(self.base, version), "query tower")
-                log.info("loading query tower", extra={"path": vdir})
-                self._cache[version] = embedder.LocalEncoder(_VersionDir(vdir))
-            return self._cache[version]
-
-    def release(self, keep: set[int]) -> None:
-        """Drops loaded versions no longer served (their memory goes once requests finish)."""
-        with self._lock:
-            for v in [v for v in self._cache if v not in keep]:
-                del self._cache[v]
-
-    def close(self) -> None:
-        self._cache.clear()
-
-
-class RemoteTowerSource(embedder.RemoteModelSource):
-    """The query tower behind TF Serving at `address`; `metadata_base` (the MODEL_DIR/query_tower
-    the model server reads, any URI) supplies each version's ebr_metadata.json so the schema
-    hash is checked against the index; without it only the dimension is (from the signature)."""
-
-    def __init__(self, address: str, model_name: str = "query_tower",
-                 metadata_base: str | None = None, tls_ca: str | None = None):
-        from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
-
-        self.address = address
-        self.model_name = model_name
-        self.metadata_dir = None
-        self.metadata_base = storage.normalize(metadata_base) if metadata_base else None
-        options = [("grpc.max_receive_message_length", 64 << 20)]
-        if tls_ca:
-            creds = grpc.ssl_channel_credentials(storage.read_bytes(tls_ca))
-            self.channel = grpc.secure_channel(address, creds, options=options)
-        else:
-            self.channel = grpc.insecure_channel(address, options=options)
-        self.predict_stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
-        self.model_stub = model_service_pb2_grpc.ModelServiceStub(self.channel)
-
-    def open(self, version: int | None) -> "embedder.RemoteEncoder":
-        version = embedder.pick_version(self.versions(), version,
-                                        f"AVAILABLE of {self.model_name} at {self.address}")
-        source = f"{self.address}/{self.model_name}/{version}"
-        if self.metadata_base is None:
-            return embedder.RemoteEncoder(self, embedder.ModelInfo(
-                version, self._dimension(version), None, source))
-        vdir = storage.join(self.metadata_base, version)
-        try:
-            meta = artifacts.read_model_metadata(vdir)
-        except artifacts.ArtifactError as e:  # served, but its export not (yet) readable here
-            raise embedder.ModelUnavailable(str(e)) from None
-        return embedder.RemoteEncoder(self, embedder.ModelInfo(
-            version, int(meta["dimension"]), str(meta["schema_hash"]), source))
-
-
 def open_model_source(config: "ServeConfig"):
     """Remote when an address is set (metadata from --model when given), else in-process."""
     base = tower_base(config.model, config.model_name) if config.model else None
-    if config.model_address:
-        return RemoteTowerSource(config.model_address, config.model_name, base,
-                                 config.model_tls_ca)
-    if base is None:
-        raise ValueError("set a model address (--model-address) or a model directory (--model)")
-    return TowerSource(base)
+    return embedder.open_source(base, config.model_address, config.model_name,
+                                config.model_tls_ca)
 
 
 def check_pair(model: embedder.ModelInfo, manifest: dict, index_path: str) -> None:

@@ -54,6 +54,15 @@ PROJECT = "ebr-test"
 TOKEN = "ebr-emulator-token"
 
 
+def _die_with_parent() -> None:
+    """preexec_fn: the child gets SIGTERM when its parent dies (Linux PR_SET_PDEATHSIG), so a
+    killed test run leaves no emulator behind."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -201,6 +210,7 @@ async def _forward_requests(first: bytes | None, reader, writer, client=None,
                         if not block:
                             raise ConnectionError("client closed mid-body")
                         writer.write(block)
+                        await writer.drain()  # back-pressure: large uploads stream through
                         length -= len(block)
             await writer.drain()
             head = None
@@ -347,7 +357,7 @@ class GcsEmulator:
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--port", str(self.port), "--workdir", str(self.workdir),
              "--backend", self.backend, "--quiet"],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout
         while not (self.workdir / "ready").exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -396,7 +406,7 @@ def serve(workdir: Path, port: int, backend: str) -> subprocess.Popen:
            "-cert-location", certs["cert"], "-private-key-location", certs["key"],
            "-external-url", f"http://127.0.0.1:{port}", "-public-host", GCS_HOSTS[0],
            "-backend", backend, "-filesystem-root", str(workdir / "objects"), "-log-level", "error"]
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
     deadline = time.monotonic() + 20
     while True:
         try:
@@ -418,6 +428,9 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="filesystem", choices=["filesystem", "memory"])
     ap.add_argument("--quiet", action="store_true", help="do not print the environment")
     args = ap.parse_args(argv)
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the finally: stop the server
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ebr-gcs-"))
     emu = GcsEmulator(workdir=str(workdir), backend=args.backend, port=args.port)
     proc = serve(workdir, emu.port, args.backend)

@@ -182,14 +182,15 @@ def test_rerun_commits_new_versions_and_a_killed_run_leaves_the_previous_one(emb
     ids, X, _, meta = read_embeddings_checked(emb, 1)
     assert ids == ids1 and meta == meta1
     np.testing.assert_array_equal(X, X1)
-    # the next run removes the leftover and commits in its place; a third prunes version 1
+    # the next run removes the leftover and commits the next number (never reused); a third
+    # prunes version 1
     assert cli.main(argv) == 0
-    assert artifacts.versions(emb) == [1, 2] and artifacts.uncommitted(emb) == []
-    ids2, X2, _, _ = read_embeddings_checked(emb, 2)
+    assert artifacts.versions(emb) == [1, 3] and artifacts.uncommitted(emb) == []
+    ids2, X2, _, _ = read_embeddings_checked(emb, 3)
     assert sorted(ids2) == sorted(ids1) == sorted(d["doc_id"] for d in docs)
     assert cli.main(argv) == 0
-    assert artifacts.versions(emb) == [2, 3] and artifacts.all_versions(emb) == [2, 3]
-    read_embeddings_checked(emb, 3)
+    assert artifacts.versions(emb) == [3, 4] and artifacts.all_versions(emb) == [3, 4]
+    read_embeddings_checked(emb, 4)
 
 
 def read_embeddings_checked(emb: str, version: int):

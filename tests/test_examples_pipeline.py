@@ -414,11 +414,12 @@ def test_run_killed_mid_publish_leaves_previous_version_and_next_run_cleans_up(t
         artifacts.resolve(os.path.join(out, "2"), "examples")
     leftover = os.path.join(out, "2", "left-by-the-killed-run")
     open(leftover, "w").write("x")
-    # The next writer removes the leftover and commits a new version in its place.
+    # The next writer removes the leftover and commits the next version number (a number
+    # once used is never reused: docs/contracts.md, "Commit protocol").
     second = examples.run(examples.ExamplesConfig(str(tmp_path / "raw"), out))
     v2 = artifacts.resolve(out, "examples")
-    assert v2 == os.path.join(out, "2") and artifacts.versions(out) == [1, 2]
-    assert artifacts.uncommitted(out) == [] and not os.path.exists(leftover)
+    assert v2 == os.path.join(out, "3") and artifacts.versions(out) == [1, 3]
+    assert artifacts.uncommitted(out) == [] and not os.path.exists(os.path.dirname(leftover))
     artifacts.verify(v2)
     assert all_outputs(v2) == before and second["totals"] == first["totals"]
 

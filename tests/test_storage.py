@@ -98,3 +98,31 @@ def test_tower_pair_commits_as_one_unit(tmp_path):
     with pytest.raises(artifacts.UncommittedVersion, match="every tower"):
         artifacts.resolve(os.path.join(model_dir, "doc_tower", "2"))
     assert artifacts.publish_towers(staged, model_dir)["query_tower"].endswith("/3")
+
+
+def _ebr(argv, env, timeout=300):
+    proc = subprocess.run([sys.executable, "-m", "ebr.cli", *argv], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("ebr ")]
+    return proc.returncode, lines, proc.stderr
+
+
+def test_cli_storage_failures_are_one_line_naming_path_and_operation(gcs_env, tmp_path):
+    """Unknown scheme, missing bucket, and an unreachable server (the emulator's address with
+    nothing listening: TensorFlow's bounded retries, then a connection error)."""
+    import socket
+
+    code, lines, err = _ebr(["index", "build", "--embeddings", "nosuch://b/emb", "--output",
+                             str(tmp_path / "i")], gcs_env)
+    assert code == 2 and len(lines) == 1, err[-2000:]
+    assert "unknown URI scheme 'nosuch'" in lines[0] and "nosuch://b/emb" in lines[0]
+    code, lines, err = _ebr(["index", "inspect", "--index", "gs://no-such-bucket-ebr/index"], gcs_env)
+    assert code == 2 and len(lines) == 1 and "gs://no-such-bucket-ebr/index" in lines[0], err[-2000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    down = {**gcs_env, "HTTPS_PROXY": f"http://127.0.0.1:{closed}",
+            "https_proxy": f"http://127.0.0.1:{closed}"}
+    code, lines, err = _ebr(["index", "inspect", "--index", "gs://ebr-test/anything"], down)
+    assert code == 2 and len(lines) == 1 and "gs://ebr-test/anything" in lines[0], err[-2000:]
+    assert not list(tmp_path.iterdir())  # nothing half-published
