@@ -1,4 +1,4 @@
-"""ANN benchmark (issue 5): exact, FAISS IVF-PQ configurations and ScaNN in one run.
+"""ANN benchmark: exact, FAISS IVF-PQ configurations and ScaNN in one run.
 
     python bench/ann_bench.py --quick --output runs/ann-quick                 # 100k synthetic
     python bench/ann_bench.py --embeddings EMB --query-vectors Q.npy --output runs/ann   # real

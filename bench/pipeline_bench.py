@@ -1,4 +1,4 @@
-"""Benchmark: social-data generator and `ebr pipeline examples` throughput (issue 3).
+"""Benchmark: social-data generator and `ebr pipeline examples` throughput.
 
 Prints JSON: generator sessions/s, examples-pipeline sessions/s on the local in-memory runner
 and on the multi-processing runner (2 workers), medians of `--repeats` runs, and the ratio

@@ -1,4 +1,4 @@
-"""Serving benchmark (issue 6): QPS and p50/p99 latency over loopback gRPC against the same work
+"""Serving benchmark: QPS and p50/p99 latency over loopback gRPC against the same work
 called in-process in the same run; the ratio is the serving overhead.
 
 Measured, each at concurrency 1, 8 and 32 (closed loop, `--seconds` per point, median of

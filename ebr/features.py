@@ -90,7 +90,7 @@ SCHEMA: tuple[Feature, ...] = (
     # used for the logQ correction (Yi et al. 2019). Written by `ebr pipeline examples`.
     F("doc_sampling_prob", EXAMPLE, LABEL, "float32", "click frequencies", default=0.0),
     # Extra negatives for this example (offline hard negatives, non-click impressions): doc ids
-    # resolved against the document corpus by the trainer (issue 7 fills these in).
+    # resolved against the document corpus by the trainer.
     F("negative_doc_ids", EXAMPLE, ID, "string", "mined / impressions", max_values=64),
 )
 del F

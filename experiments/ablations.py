@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 TRAIN_GLOB = "train/examples-*.tfrecord.gz"
 IMPRESSIONS_GLOB = "impressions/train/examples-*.tfrecord.gz"
 SUMMARY = "ablation.json"
-KEEP = 2  # committed versions kept per output, as the pipelines do (docs/contracts.md 2)
 
 
 def _read(p, pattern: str, label: str):
@@ -79,38 +78,6 @@ def resolve_examples(examples: str) -> str:
         raise FileNotFoundError(f"no examples: {e}") from None
 
 
-def begin_examples_version(output: str) -> str:
-    """`artifacts.begin_version(output)` for a derived examples artifact; `output` must be absent,
-    empty or an artifact base (numeric version directories), never someone's other files."""
-    output = storage.normalize(output)
-    names = storage.listdir(output)
-    if names and not any(artifacts.is_version(n) for n in names):
-        raise ValueError(f"check output {output}: is a non-empty directory that is not an "
-                         f"examples artifact (found {names[:5]}); choose an empty or new output")
-    vdir = artifacts.begin_version(output)
-    storage.makedirs(vdir)
-    return vdir
-
-
-def commit_examples_version(vdir: str, json_files: dict, info: dict) -> dict:
-    """Writes `json_files` ({name: object}) into `vdir`, then the commit marker (last), then
-    prunes versions older than the newest `KEEP` committed ones."""
-    for name, obj in json_files.items():
-        storage.write_json(storage.join(vdir, name), obj)
-    marker = artifacts.commit(vdir, {"kind": "examples", "schema_hash": features.schema_hash(),
-                                     **info})
-    artifacts.prune(storage.parent(vdir), KEEP)
-    return marker
-
-
-def discard_version(vdir: str) -> None:
-    """Removes a version whose writing failed (before its commit)."""
-    try:
-        storage.remove(vdir)
-    except storage.StorageError as e:  # the next begin_version removes it
-        log.warning("could not remove the failed version %s: %s", vdir, e)
-
-
 def _rewrite(examples: str, output: str, build, beam_args, what: str,
              extra: dict | None = None) -> dict:
     """Runs `build(pipeline)` (-> serialised training examples) and commits them as `train/` of
@@ -118,27 +85,25 @@ def _rewrite(examples: str, output: str, build, beam_args, what: str,
     from apache_beam.metrics.metric import MetricsFilter
 
     import apache_beam as beam
+    from beam_pipelines import outputs
     from beam_pipelines.mine_negatives import carry_parts
     from beam_pipelines.options import make_pipeline
 
-    vdir = begin_examples_version(output)
-    try:
+    with outputs.NewVersion(output, "examples") as out:
         p = make_pipeline(beam_args)
         records = build(p)
         _ = records | "WriteTrain" >> beam.io.WriteToTFRecord(
-            storage.join(vdir, "train", "examples"), file_name_suffix=".tfrecord.gz",
+            out.path("train", "examples"), file_name_suffix=".tfrecord.gz",
             compression_type=beam.io.filesystem.CompressionTypes.GZIP)
         state = p.run()
         state.wait_until_finish()
         counts = {c.key.metric.name: int(c.committed or c.attempted or 0) for c in
                   state.metrics().query(MetricsFilter().with_namespace("ablation"))["counters"]}
-        carry_parts(examples, vdir)
+        carry_parts(examples, out.dir)
         summary = {"ablation": what, "examples": examples, **(extra or {}), "counts": counts}
-        commit_examples_version(vdir, {SUMMARY: summary}, {"ablation": what, "derived_from": examples})
-    except BaseException:
-        discard_version(vdir)
-        raise
-    summary["output"] = vdir
+        out.commit({SUMMARY: summary}, {"schema_hash": features.schema_hash(), "ablation": what,
+                                        "derived_from": examples})
+    vdir = summary["output"] = out.dir
     log.info("%s: %s -> %s", what, counts, vdir)
     return summary
 

@@ -345,9 +345,10 @@ def restrict_ratio(mined_all: str, output: str, ratio: str, seed: int) -> str:
     `mined_all` is the examples artifact of that run (`BASE` or `BASE/VERSION`); the result is
     committed as a new version of the examples artifact `output` (any URI; commit marker
     last); returns its version directory."""
+    from beam_pipelines import outputs
     from beam_pipelines.mine_negatives import SUMMARY, carry_parts, example_key
-    from experiments.ablations import (begin_examples_version, commit_examples_version,
-                                       discard_version, resolve_examples)
+    from ebr import features
+    from experiments.ablations import resolve_examples
 
     src = resolve_examples(mined_all)
 
@@ -356,18 +357,14 @@ def restrict_ratio(mined_all: str, output: str, ratio: str, seed: int) -> str:
             ex = {k: v for k, v in ex.items() if k != "negative_doc_ids"}
         return ex
 
-    vdir = begin_examples_version(output)
-    try:
-        n = _rewrite_tfrecords(storage.join(src, "train"), storage.join(vdir, "train"), keep)
-        carry_parts(src, vdir)
+    with outputs.NewVersion(output, "examples") as out:
+        n = _rewrite_tfrecords(storage.join(src, "train"), out.path("train"), keep)
+        carry_parts(src, out.dir)
         if storage.exists(storage.join(src, SUMMARY)):  # the mining run's configuration
-            storage.copy_file(storage.join(src, SUMMARY), storage.join(vdir, SUMMARY))
-        commit_examples_version(vdir, {}, {"derived_from": src, "restricted_to_ratio": ratio,
-                                           "seed": seed, "train_examples": n})
-    except BaseException:
-        discard_version(vdir)
-        raise
-    return vdir
+            storage.copy_file(storage.join(src, SUMMARY), out.path(SUMMARY))
+        out.commit({}, {"schema_hash": features.schema_hash(), "derived_from": src,
+                        "restricted_to_ratio": ratio, "seed": seed, "train_examples": n})
+    return out.dir
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """A small client for TF Serving's PredictionService / ModelService (ours or the real one).
 
-The retrieval service embeds queries through it (issue 6): `ModelClient("host:8500")
+The retrieval service embeds queries through it: `ModelClient("host:8500")
 .predict("query_tower", {"query": np.array([b"jon smith"]), ...})["embedding"]`. It speaks only
 the public `tensorflow_serving.apis` stubs, so it works unchanged against the official
 `tensorflow/serving` image. Errors surface as `grpc.RpcError` (`.code()`, `.details()`).

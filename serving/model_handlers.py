@@ -1,8 +1,8 @@
 """What Predict, GetModelMetadata and GetModelStatus do, shared by the gRPC and REST front ends.
 
 Checks and status codes follow TF Serving (`servables/tensorflow/predict_util.cc`,
-`model_servers/get_model_status_impl.cc`, `servables/tensorflow/get_model_metadata_impl.cc`;
-table in /work/shared/reference.md): every refusal is a `ServingError` carrying the gRPC code.
+`model_servers/get_model_status_impl.cc`, `servables/tensorflow/get_model_metadata_impl.cc`,
+`model_servers/server_core.cc`): every refusal is a `ServingError` carrying the gRPC code.
 Also holds the Prometheus metrics both front ends record into, named as TF Serving names them.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The model server: TF Serving's gRPC API (and optionally its REST API) over its base path.
 
 In production the exported towers run in the official `tensorflow/serving` image; locally and
-in the tests this server stands in for it (issue 6): the same `tensorflow.serving`
+in the tests this server stands in for it: the same `tensorflow.serving`
 PredictionService / ModelService protos from tensorflow-serving-api, the same
 `BASE/NAME/VERSION/` layout (`serving.model_registry`), the same status codes
 (`serving.model_handlers`), so clients built on `prediction_service_pb2_grpc` work against

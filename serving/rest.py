@@ -7,7 +7,8 @@ Routes as in TF Serving's `model_servers/http_rest_api_handler.cc`:
                                                             {"inputs": ...} (columnar)
   GET  /monitoring/prometheus/metrics
 Errors are `{"error": "..."}` with the HTTP status TF Serving maps each gRPC code to
-(/work/shared/reference.md). The same handlers as the gRPC front end do the work.
+(tensorflow_serving/model_servers/http_rest_api_handler.cc). The same handlers as the gRPC
+front end do the work.
 """
 from __future__ import annotations
 

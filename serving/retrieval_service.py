@@ -31,7 +31,7 @@ server, bounded concurrency (gRPC's `maximum_concurrent_rpcs` answers RESOURCE_E
 of queueing without bound), graceful drain on SIGTERM, optional TLS (and mutual TLS).
 
 Ensembles (paper section 6: weighted concatenation, cascade) plug in through the `ensembles`
-registry: `ensembles[name](EnsembleCall) -> EnsembleResult`; issue 7 fills it from
+registry: `ensembles[name](EnsembleCall) -> EnsembleResult`; it is filled from
 experiments/ensembles.py. A request naming an ensemble is answered by it instead of the pair.
 """
 from __future__ import annotations
@@ -159,7 +159,7 @@ class EnsembleResult:
     scanned: int = 0
 
 
-# name -> callable(EnsembleCall) -> EnsembleResult; filled by experiments/ensembles.py (issue 7).
+# name -> callable(EnsembleCall) -> EnsembleResult; filled by experiments/ensembles.py.
 ensembles: dict[str, Callable[[EnsembleCall], EnsembleResult]] = {}
 
 

@@ -1,4 +1,4 @@
-"""Load and failure (issue 6): 8 clients for 10 s while a new model version and a new index
+"""Load and failure: 8 clients for 10 s while a new model version and a new index
 version are published, through the production topology (retrieval service -> model server over
 TF Serving's PredictionService); kill -9 of a server mid-load, restart on the same ports, and a
 graceful drain on SIGTERM."""

@@ -131,7 +131,7 @@ def test_degree_heavy_tailed(run):
 
 
 def test_clicks_follow_social_and_location_signal(run):
-    """Issue 7 relies on this: clicked impressions are socially / locally closer to the
+    """The impression experiments rely on this: clicked impressions are socially / locally closer to the
     searcher than the shown-but-skipped ones, which differ from random documents."""
     stat = collections.Counter()
     for s in run["sessions"]:
