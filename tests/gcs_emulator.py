@@ -27,6 +27,9 @@ The route (docs/contracts.md, "Testing against an emulator"):
   one sub-request at a time against the emulator.
 - Every address in the environment is checked to be on loopback before anything is sent, and
   TensorFlow's GCS retries are bounded (`GCS_RETRY_CONFIG_*`).
+- Failures Cloud Storage can give, by bucket name (`FAULT_BUCKETS`): every request for
+  `ebr-fault-denied` is answered 403 (what a missing IAM grant gives), for
+  `ebr-fault-unavailable` 503, and for `ebr-fault-stall` never (a client timeout).
 """
 from __future__ import annotations
 
@@ -50,6 +53,7 @@ import urllib.request
 from pathlib import Path
 
 GCS_HOSTS = ("storage.googleapis.com", "www.googleapis.com")
+FAULT_BUCKETS = {"ebr-fault-denied": 403, "ebr-fault-unavailable": 503, "ebr-fault-stall": None}
 PROJECT = "ebr-test"
 TOKEN = "ebr-emulator-token"
 
@@ -172,6 +176,26 @@ def run_batch(http_port: int, content_type: bytes, body: bytes) -> bytes:
             f"Content-Length: {len(payload)}\r\n\r\n").encode() + payload
 
 
+def _bucket(target: bytes) -> str:
+    """The bucket a JSON API (`.../b/BUCKET/...`) or XML API (`/BUCKET/OBJECT`) path names."""
+    parts = urllib.parse.urlsplit(target.decode("latin-1")).path.strip("/").split("/")
+    if parts[0] in ("upload", "download", "batch"):
+        parts = parts[1:]
+    if parts[:2] == ["storage", "v1"]:
+        return parts[3] if len(parts) > 3 and parts[2] == "b" else ""
+    return parts[0]
+
+
+def _fault_reply(status: int, target: bytes) -> bytes:
+    reason = {403: "Forbidden", 503: "Service Unavailable"}[status]
+    message = (f"ebr-emulator@{PROJECT}.iam.gserviceaccount.com does not have storage.objects "
+               "access to the Google Cloud Storage bucket." if status == 403
+               else "We encountered an internal error. Please try again.")
+    body = json.dumps({"error": {"code": status, "message": message}}).encode()
+    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
 async def _forward_requests(first: bytes | None, reader, writer, client=None,
                             http_port: int = 0) -> None:
     """Copies HTTP/1.1 requests from the client to the emulator, fixing the two
@@ -186,7 +210,16 @@ async def _forward_requests(first: bytes | None, reader, writer, client=None,
             lines = [ln for ln in lines
                      if ln.lower().replace(b" ", b"") != b"transfer-encoding:identity"]
             length = int(_header(lines, b"content-length") or 0)
-            if (client is not None and length
+            target = lines[0].split(b" ")[1]
+            if client is not None and _bucket(target) in FAULT_BUCKETS:
+                if length:
+                    await reader.readexactly(length)
+                status = FAULT_BUCKETS[_bucket(target)]
+                if status is None:  # stall: the client's timeout ends it
+                    await asyncio.sleep(3600)
+                client.write(_fault_reply(status, target))
+                await client.drain()
+            elif (client is not None and length
                     and lines[0].split(b" ")[1].split(b"?")[0].endswith(b"/batch/storage/v1")):
                 # Clients wait for each response before the next request (no pipelining),
                 # so the reply can go straight back on the client's connection.
@@ -270,7 +303,8 @@ class Front:
             await writer.start_tls(self.server_tls)
             up_r, up_w = await asyncio.open_connection("127.0.0.1", self.https_port,
                                                        ssl=self.upstream_tls, server_hostname=host)
-            await asyncio.gather(_forward_requests(None, reader, up_w), _pipe(up_r, writer))
+            await asyncio.gather(_forward_requests(None, reader, up_w, writer, self.http_port),
+                                 _pipe(up_r, writer))
             return
         if _header(lines, b"metadata-flavor") is not None:
             status, body, ctype = self.metadata(urllib.parse.urlsplit(target).path)

@@ -126,3 +126,21 @@ def test_cli_storage_failures_are_one_line_naming_path_and_operation(gcs_env, tm
     code, lines, err = _ebr(["index", "inspect", "--index", "gs://ebr-test/anything"], down)
     assert code == 2 and len(lines) == 1 and "gs://ebr-test/anything" in lines[0], err[-2000:]
     assert not list(tmp_path.iterdir())  # nothing half-published
+
+
+@pytest.mark.parametrize("bucket,kind", [("ebr-fault-denied", "PermissionDenied"),
+                                         ("ebr-fault-unavailable", "503"),
+                                         ("ebr-fault-stall", "")])
+def test_cli_permission_server_error_and_timeout_are_one_line(bucket, kind, gcs_env, tmp_path):
+    """The emulator's fault buckets (tests/gcs_emulator.py): 403, 503 and a server that never
+    answers (client timeouts lowered so TensorFlow's bounded retries end within seconds)."""
+    env = {**gcs_env, "GCS_REQUEST_IDLE_TIMEOUT_SECS": "2", "GCS_METADATA_REQUEST_TIMEOUT_SECS": "2",
+           "GCS_READ_REQUEST_TIMEOUT_SECS": "2", "GCS_WRITE_REQUEST_TIMEOUT_SECS": "2",
+           "GCS_RETRY_CONFIG_MAX_RETRIES": "1"}
+    write = ["data", "social", "--out", f"gs://{bucket}/raw", "--documents", "30", "--sessions",
+             "60", "--seed", "1"]
+    read = ["index", "inspect", "--index", f"gs://{bucket}/index"]
+    for argv, path in ((write, f"gs://{bucket}/raw"), (read, f"gs://{bucket}/index")):
+        code, lines, err = _ebr(argv, env, timeout=240)
+        assert code == 2 and len(lines) == 1, err[-3000:]
+        assert path in lines[0] and kind in lines[0], lines[0]
