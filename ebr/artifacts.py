@@ -253,11 +253,14 @@ def verify(vdir: str, marker: dict | None = None, checksums: bool = False,
             raise ArtifactError(f"{path} fails its sha256 checksum (corrupt file)")
 
 
-def local_copy(vdir: str, cache_root: str) -> str:
+def local_copy(vdir: str, cache_root: str, keep: int = 2) -> str:
     """A local copy of the committed version `vdir` (for readers that need local files, e.g.
     FAISS / ScaNN): CACHE_ROOT/<hash of BASE>/<VERSION>, reused while its copied commit marker
     equals the source's and every listed file has its size; else copied again (into a temp
-    directory renamed into place, so a killed copy is never taken as complete)."""
+    directory renamed into place, so a killed copy is never taken as complete). After a copy,
+    only the newest `keep` cached versions of BASE stay: a service hot-reloading a new index
+    every day must not fill its disk (an index already opened keeps its memory, and on Linux
+    its memory-mapped files, after their names are removed)."""
     import hashlib
     import shutil
     import tempfile
@@ -288,6 +291,9 @@ def local_copy(vdir: str, cache_root: str) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("copied %s to %s", vdir, dst)
+    cached = sorted(int(n) for n in os.listdir(root) if is_version(n))
+    for v in cached[:-keep] if keep else []:
+        shutil.rmtree(os.path.join(root, str(v)), ignore_errors=True)
     return dst
 
 

@@ -144,3 +144,21 @@ def test_cli_permission_server_error_and_timeout_are_one_line(bucket, kind, gcs_
         code, lines, err = _ebr(argv, env, timeout=240)
         assert code == 2 and len(lines) == 1, err[-3000:]
         assert path in lines[0] and kind in lines[0], lines[0]
+
+
+def test_local_copy_of_remote_versions_is_checked_reused_and_pruned(gcs_root, tmp_path):
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    cache = str(tmp_path / "cache")
+    copies = []
+    for i in range(3):
+        (stage / "data.bin").write_bytes(b"x" * (i + 1))
+        vdir = artifacts.publish_dir(str(stage), gcs_root)
+        copies.append(artifacts.local_copy(vdir, cache))
+        assert open(os.path.join(copies[-1], "data.bin"), "rb").read() == b"x" * (i + 1)
+    assert artifacts.local_copy(vdir, cache) == copies[-1]  # complete: reused
+    # only the newest two versions of the base stay cached
+    assert [os.path.exists(c) for c in copies] == [False, True, True]
+    with open(os.path.join(copies[-1], "data.bin"), "wb") as f:
+        f.write(b"x")  # a truncated copy is fetched again (sha256 is the index's own check)
+    assert open(os.path.join(artifacts.local_copy(vdir, cache), "data.bin"), "rb").read() == b"xxx"
