@@ -67,7 +67,8 @@ def publish(base, write_files: Callable[[Path], list[str]], manifest: dict) -> s
         files = write_files(Path(staging))
         checksums = {f: {"sha256": storage.sha256_file(os.path.join(staging, f)),
                          "bytes": os.path.getsize(os.path.join(staging, f))} for f in files}
-        artifacts.clean_uncommitted(base)  # leftovers of a killed build (one writer per base)
+        # The number is fixed before the staging is uploaded (it is in the manifest); the
+        # leftovers of a killed build are removed by publish_dir, their number not reused.
         version = artifacts.next_version(base)
         full = {**manifest, "format": FORMAT, "version": version, "files": checksums,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}

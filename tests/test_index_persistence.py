@@ -228,6 +228,7 @@ def test_killed_build_leaves_the_previous_version_and_the_next_build_cleans_up(e
     p = build_index(emb[0], base, backend="exact")
     assert artifacts.uncommitted(str(base)) == []
     assert persistence.versions(base) == previous + [artifacts.version_of(p)]
+    assert artifacts.version_of(p) > killed  # a number once used is never reused
     marker = artifacts.read_commit(p)
     artifacts.verify(p, marker, checksums=True)
     assert sorted(f.name for f in Path(p).iterdir()) == sorted(
