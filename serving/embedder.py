@@ -49,12 +49,6 @@ def build_inputs(rows: Sequence[Mapping[str, object]]) -> dict[str, np.ndarray]:
     return features.tower_inputs(rows, features.QUERY_INPUTS)
 
 
-def model_versions(base: str | Path) -> list[int]:
-    """Committed versions under a tower base path (any URI), oldest first: `artifacts.versions`,
-    whose pair rule counts a tower version once both towers of the export committed it."""
-    return artifacts.versions(os.fspath(base))
-
-
 def pick_version(versions: list[int], version: int | None, where: str) -> int:
     """The requested version, or the newest when none is asked for; ModelUnavailable otherwise."""
     if version is None:
@@ -147,7 +141,7 @@ class LocalModelSource:
         self._lock = threading.Lock()
 
     def versions(self) -> list[int]:
-        return model_versions(self.base)
+        return artifacts.versions(self.base)
 
     def open(self, version: int | None) -> LocalEncoder:
         version = pick_version(self.versions(), version, f"under {self.base}")

@@ -36,7 +36,6 @@ from ebr import artifacts, storage
 
 log = logging.getLogger(__name__)
 
-SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
 DEFAULT_LOAD_RETRY_SECONDS = 1.0  # first retry of a failed load; doubles per failure
 DEFAULT_MAX_LOAD_RETRY_SECONDS = 60.0  # cap of the backoff (TF Serving's retry interval)
 # ModelVersionStatus.State values (tensorflow_serving/apis/get_model_status.proto).
