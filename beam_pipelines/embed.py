@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 
 SIGNATURE = "serving_default"
 CORPUS_GLOB = "documents-*.tfrecord.gz"
-COUNTS_DIR = "_counts"  # per-run counts, read by the driver and removed before the commit
 DEAD, COUNTS, EMB = "dead", "counts", "embeddings"
 RECORD_BATCH = 1024
 
@@ -261,10 +260,6 @@ def resolve_corpus(corpus: str) -> tuple[str, str | None]:
     return pattern, examples
 
 
-def corpus_pattern(corpus: str) -> str:
-    return resolve_corpus(corpus)[0]
-
-
 def build(p, cfg: EmbedConfig, pattern: str, model_path: str, dimension: int,
           out_dir: str) -> None:
     parsed = (p | "Pattern" >> beam.Create([pattern])
@@ -285,18 +280,8 @@ def build(p, cfg: EmbedConfig, pattern: str, model_path: str, dimension: int,
          parsed.docs | "InCount" >> beam.Map(lambda _: ("parsed", 1)))
         | "AllCounts" >> beam.Flatten() | "Sum" >> beam.CombinePerKey(sum)
         | "CountJson" >> beam.Map(json.dumps)
-        | "WriteCounts" >> beam.io.WriteToText(f"{out_dir}/{COUNTS_DIR}/counts", file_name_suffix=".jsonl"))
+        | "WriteCounts" >> beam.io.WriteToText(f"{out_dir}/{outputs.COUNTS_DIR}/counts", file_name_suffix=".jsonl"))
     del counts
-
-
-def _read_counts(vdir: str) -> dict:
-    counts = collections.Counter()
-    for path in storage.glob(storage.join(vdir, COUNTS_DIR, "counts*")):
-        for line in storage.read_text(path).splitlines():
-            if line:
-                key, n = json.loads(line)
-                counts[key] += n
-    return counts
 
 
 def run(cfg: EmbedConfig, beam_args: list[str] | None = None) -> dict:
@@ -313,8 +298,9 @@ def run(cfg: EmbedConfig, beam_args: list[str] | None = None) -> dict:
         state = p.run().wait_until_finish()
         if state != PipelineState.DONE:
             raise RuntimeError(f"embed pipeline ended in state {state}")
-        counts = _read_counts(out.dir)
-        storage.remove(out.path(COUNTS_DIR))
+        counts = collections.Counter()
+        for key, n in out.take_counts():
+            counts[key] += n
         dead = {k.split(":", 1)[1]: n for k, n in counts.items() if k.startswith("dead:")}
         written = counts.get("written", 0)
         parsed = counts.get("parsed", 0)

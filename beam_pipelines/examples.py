@@ -53,7 +53,7 @@ from apache_beam.transforms.window import GlobalWindows
 
 from beam_pipelines import example_bytes, outputs, rawlog, split, tfrecords
 from beam_pipelines.options import make_pipeline, normalize_args
-from ebr import artifacts, features, storage
+from ebr import artifacts, features
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,6 @@ TRAIN, EVAL, IMP_TRAIN, IMP_EVAL = "train", "eval", "impressions/train", "impres
 EXAMPLE_OUTPUTS = (TRAIN, EVAL, IMP_TRAIN, IMP_EVAL)
 CORPUS, FREQ, DEAD, COUNTS, MISSING = "corpus", "freq", "dead", "counts", "missing"
 BY_DOC, BY_SEARCHER, SESSION_IDS = "by_doc", "by_searcher", "session_ids"
-COUNTS_DIR = "_counts"  # per-run counts, read by the driver and removed before the commit
 # Events buffered per worker before being emitted grouped by document (fewer shuffle elements).
 EVENT_BUFFER = 100_000
 REF_BUFFER = 200_000
@@ -429,14 +428,7 @@ def build(p, cfg: ExamplesConfig, inputs: dict[str, str], out_dir: str) -> None:
     _ = (count_parts | "AllCounts" >> beam.Flatten()
          | "SumCounts" >> beam.CombinePerKey(sum)
          | "CountJson" >> beam.Map(lambda kv: json.dumps([list(kv[0]), kv[1]]))
-         | "WriteCounts" >> beam.io.WriteToText(f"{out_dir}/{COUNTS_DIR}/counts", file_name_suffix=".jsonl"))
-
-
-def _read_counts(vdir: str) -> list:
-    out = []
-    for path in storage.glob(storage.join(vdir, COUNTS_DIR, "counts*")):
-        out += [json.loads(line) for line in storage.read_text(path).splitlines() if line]
-    return out
+         | "WriteCounts" >> beam.io.WriteToText(f"{out_dir}/{outputs.COUNTS_DIR}/counts", file_name_suffix=".jsonl"))
 
 
 def assemble_stats(counts: list, inputs: dict[str, str]) -> dict:
@@ -478,8 +470,7 @@ def run(cfg: ExamplesConfig, beam_args: list[str] | None = None) -> dict:
         if state != PipelineState.DONE:
             raise RuntimeError(f"examples pipeline ended in state {state}")
         pipeline_s = time.time() - t0
-        stats = assemble_stats(_read_counts(out.dir), inputs)
-        storage.remove(out.path(COUNTS_DIR))
+        stats = assemble_stats(out.take_counts(), inputs)
         unbalanced = {p_: f for p_, f in stats["files"].items()
                       if f["records_in"] != f["records_out"] + f["records_dead"]}
         if unbalanced:

@@ -21,6 +21,7 @@ needed inside the sinks.
 """
 from __future__ import annotations
 
+import json
 import logging
 
 from ebr import artifacts, storage
@@ -28,6 +29,9 @@ from ebr import artifacts, storage
 log = logging.getLogger(__name__)
 
 KEEP = 2  # committed versions kept per output (docs/contracts.md, "Commit protocol")
+# A run's own counters (JSON lines a pipeline writes beside its output): the driver reads them
+# with `NewVersion.take_counts`, which removes them before the commit.
+COUNTS_DIR = "_counts"
 
 
 def check_writable(out: str, what: str) -> None:
@@ -68,6 +72,15 @@ class NewVersion:
 
     def path(self, *parts: str) -> str:
         return storage.join(self.dir, *parts)
+
+    def take_counts(self) -> list:
+        """Every JSON line the run wrote under COUNTS_DIR; then removes them, so the committed
+        version holds the artifact only."""
+        lines = []
+        for path in storage.glob(self.path(COUNTS_DIR, "*")):
+            lines += [json.loads(ln) for ln in storage.read_text(path).splitlines() if ln]
+        storage.remove(self.path(COUNTS_DIR))
+        return lines
 
     def commit(self, json_files: dict | None = None, info: dict | None = None) -> dict:
         """Writes `json_files` ({relative name: object}), then the commit marker, then prunes."""

@@ -152,7 +152,7 @@ def test_model_of_another_schema_or_missing_is_refused(embedded, tmp_path):
     path, meta = embed.resolve_model(str(base / "models" / "doc_tower"))
     assert path.endswith("/doc_tower/1") and meta["version"] == 1
     with pytest.raises(FileNotFoundError, match="no corpus files"):
-        embed.corpus_pattern(str(tmp_path))
+        embed.resolve_corpus(str(tmp_path))
 
 
 def test_corpus_forms(embedded):
