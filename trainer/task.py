@@ -32,6 +32,8 @@ import tempfile
 import time
 from typing import TYPE_CHECKING
 
+from ebr import artifacts, storage
+
 if TYPE_CHECKING:  # TensorFlow stays out of `ebr --help`
     from trainer.config import TrainConfig
 
@@ -96,8 +98,6 @@ def resolve_paths(config: "TrainConfig") -> "TrainConfig":
     """Fill empty output paths from Vertex's AIP_* variables, then from model_dir; every path a
     normalised URI (Vertex's gs://.../ values lose their trailing slash). The data dir stays as
     given: `resolve_data_dir` turns it into the examples version to read."""
-    from ebr import storage
-
     model_dir = config.model_dir or os.environ.get("AIP_MODEL_DIR", "")
     if not model_dir:
         raise ValueError("no model directory: set model_dir (--model-dir) or AIP_MODEL_DIR")
@@ -114,8 +114,6 @@ def resolve_paths(config: "TrainConfig") -> "TrainConfig":
 
 def resolve_data_dir(data_dir: str) -> str:
     """`EX` (newest committed examples version) or `EX/VERSION` -> the version directory."""
-    from ebr import artifacts
-
     return artifacts.resolve(data_dir, "examples")
 
 
@@ -171,7 +169,7 @@ def _callbacks(config, model, steps_per_epoch: int, chief: bool):
 
     progress = Progress()
     backup = tf.keras.callbacks.BackupAndRestore(
-        _join(config.checkpoint_dir, "backup"), save_freq=config.checkpoint_every_steps,
+        storage.join(config.checkpoint_dir, "backup"), save_freq=config.checkpoint_every_steps,
         delete_checkpoint=True)
     callbacks = [backup, progress, tf.keras.callbacks.TerminateOnNaN(),
                  tf.keras.callbacks.TensorBoard(config.tensorboard_dir, update_freq=progress.every,
@@ -197,12 +195,6 @@ def _has_negatives(files: list[str]) -> bool:
     return False
 
 
-def _join(base: str, *parts: str) -> str:
-    from ebr import storage
-
-    return storage.join(base, *parts)
-
-
 def _worker_dir(path: str, chief: bool) -> str:
     """MWMS: every worker writes (saving may need all of them); non-chiefs to a temp dir."""
     return path if chief else tempfile.mkdtemp(prefix="ebr-worker-")
@@ -215,7 +207,6 @@ def train(config: "TrainConfig") -> dict:
     from trainer import data
     from trainer.corpus import load_corpus, load_frequencies
     from trainer.evaluate import evaluate
-    from ebr import storage
     from trainer.export import export_towers, next_version
     from trainer.model import UnifiedEmbeddingModel, make_optimizer
 
@@ -260,7 +251,7 @@ def train(config: "TrainConfig") -> dict:
     steps = int(model.optimizer.iterations.numpy())
     train_seconds = time.time() - t0
     final_ckpt = tf.train.Checkpoint(model=model).write(
-        _join(_worker_dir(_join(config.checkpoint_dir, "final"), chief), "ckpt"))
+        storage.join(_worker_dir(storage.join(config.checkpoint_dir, "final"), chief), "ckpt"))
     metrics: dict = {"loss": float(history.history["loss"][-1]) if history.history.get("loss") else None,
                      "steps": steps, "train_seconds": round(train_seconds, 2)}
     eval_glob = storage.join(d, config.eval_pattern)
@@ -344,8 +335,6 @@ def config_from_args(args: argparse.Namespace, extra: list[str] | None = None):
 def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     """Shared by `python -m trainer.task` and `ebr train`: exit code, one-line errors."""
     import tensorflow as tf
-
-    from ebr import storage
 
     try:
         config = config_from_args(args, extra)
