@@ -211,25 +211,30 @@ def _ordered(files: list[str], last: tuple[str, ...]) -> list[str]:
     return sorted(files, key=lambda f: (rank.get(f.rsplit("/", 1)[-1], -1), f))
 
 
-def upload(local_dir: str, vdir: str, last: tuple[str, ...] = ()) -> dict:
+def upload(local_dir: str, vdir: str, last: tuple[str, ...] = (),
+           checksums: dict | None = None) -> dict:
     """Copies a staged local directory into `vdir`, the files named in `last` last (stock TF
-    Serving loads a version once `saved_model.pb` exists); returns {rel: {bytes, sha256}}."""
+    Serving loads a version once `saved_model.pb` exists); returns {rel: {bytes, sha256}}.
+    `checksums` ({rel: {bytes, sha256}}) are those the writer already computed (an index
+    manifest's), not hashed again."""
     files = {}
+    known = checksums or {}
     # A staged copy of a published version may hold its old marker: only `commit` writes one.
     staged = [rel for rel in storage.walk_files(local_dir) if rel != COMMIT_MARKER]
     for rel in _ordered(staged, last):
         src = os.path.join(local_dir, *rel.split("/"))
-        files[rel] = {"bytes": os.path.getsize(src), "sha256": storage.sha256_file(src)}
+        files[rel] = ({"bytes": known[rel]["bytes"], "sha256": known[rel]["sha256"]} if rel in known
+                      else {"bytes": os.path.getsize(src), "sha256": storage.sha256_file(src)})
         storage.copy_file(src, storage.join(vdir, rel))
     return files
 
 
 def publish_dir(local_dir: str, base: str, *, version: int | None = None,
                 last: tuple[str, ...] = (), info: dict | None = None,
-                keep: int | None = None) -> str:
+                keep: int | None = None, checksums: dict | None = None) -> str:
     """Publishes a staged local directory as the next (or given) version of `base`."""
     vdir = begin_version(base, version)
-    files = upload(local_dir, vdir, last)
+    files = upload(local_dir, vdir, last, checksums)
     commit(vdir, info, files)
     prune(storage.normalize(base), keep)
     log.info("published %s (%d files)", vdir, len(files))

@@ -75,7 +75,8 @@ def publish(base, write_files: Callable[[Path], list[str]], manifest: dict) -> s
         with open(os.path.join(staging, MANIFEST), "w") as f:
             json.dump(full, f, indent=1, sort_keys=True)
         return artifacts.publish_dir(staging, base, version=version, last=(MANIFEST,),
-                                     info={"artifact": "index", "backend": full.get("backend")})
+                                     info={"artifact": "index", "backend": full.get("backend")},
+                                     checksums=checksums)  # hashed once, for the manifest
 
 
 def local_dir(vdir: str) -> str:
