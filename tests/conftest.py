@@ -33,7 +33,7 @@ def gcs_emulator():
 @pytest.fixture
 def gcs_root(gcs_emulator) -> str:
     """A fresh gs:// prefix in the emulator's bucket; this process already points at it."""
-    return f"gs://{BUCKET}/{uuid.uuid4().hex[:10]}"
+    return f"gs://{BUCKET}/t-{uuid.uuid4().hex[:10]}"
 
 
 @pytest.fixture
