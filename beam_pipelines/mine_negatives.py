@@ -11,7 +11,7 @@ default, Dataflow/Flink/Spark by options):
 1. read and parse `train/examples-*` (unparsable records are dead-lettered with file and reason);
 2. group by searcher: every document the searcher clicked in training, plus the example's own
    history, is excluded from its negatives ("drop the query's positives and known clicks");
-3. select examples by the easy:hard ratio (`experiments.mining`: the share of examples that
+3. select examples by the easy:hard ratio (`beam_pipelines.mining`: the share of examples that
    carry hard negatives, by a seeded hash of session id and doc id); the others pass through;
 4. embed selected examples' query features with the query tower, search the index for the top
    `window_end`, sample `per_query` documents from ranks `window_start..window_end`;
@@ -35,7 +35,7 @@ import numpy as np
 from beam_pipelines import outputs
 from beam_pipelines.options import make_pipeline
 from ebr import artifacts, features, storage
-from experiments import mining
+from beam_pipelines import mining
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def example_key(ex: dict) -> str:
 
 
 def query_row(ex: dict) -> dict:
-    """Query-side values of a parsed example, as `serving.embedder.build_inputs` takes them."""
+    """Query-side values of a parsed example, as `ebr.features.tower_inputs` takes them."""
     row = {}
     for name in features.QUERY_INPUTS:
         vals = ex.get(name, [])
@@ -165,11 +165,9 @@ class MineDoFn(beam.DoFn):
         self.searcher = open_index(self.cfg.index)
 
     def embed(self, rows: list[dict]) -> np.ndarray:
-        from serving.embedder import build_inputs
-
         tf = self._tf
-        out = self.signature(**{n: tf.constant(v, dtype=tf.string)
-                                for n, v in build_inputs(rows).items()})
+        inputs = features.tower_inputs(rows, features.QUERY_INPUTS)
+        out = self.signature(**{n: tf.constant(v, dtype=tf.string) for n, v in inputs.items()})
         return np.asarray(out["embedding"].numpy(), dtype=np.float32)
 
     def process(self, batch):

@@ -58,42 +58,86 @@ class Feature:
     default: str | float | int = ""
 
 
+# Feature keys, one constant each: every other module spells a feature through these (as the
+# TFX taxi template's `features.py` does), so a rename is one edit and a typo an import error.
+QUERY_TEXT = "query"
+SEARCHER_ID = "searcher_id"
+SEARCHER_CITY = "searcher_city"
+SEARCHER_REGION = "searcher_region"
+SEARCHER_COUNTRY = "searcher_country"
+SEARCHER_LANGUAGE = "searcher_language"
+SEARCHER_ATTRIBUTES = "searcher_attributes"
+SEARCHER_FRIENDS = "searcher_friends"
+HISTORY_DOC_IDS = "history_doc_ids"
+DOC_ID = "doc_id"
+DOC_TEXT = "doc_text"
+DOC_TYPE = "doc_type"
+DOC_CITY = "doc_city"
+DOC_REGION = "doc_region"
+DOC_COUNTRY = "doc_country"
+DOC_LANGUAGE = "doc_language"
+DOC_ATTRIBUTES = "doc_attributes"
+DOC_MEMBERS = "doc_members"
+SESSION_ID = "session_id"
+TIMESTAMP = "timestamp"
+DOC_SAMPLING_PROB = "doc_sampling_prob"
+NEGATIVE_DOC_IDS = "negative_doc_ids"
+
 F = Feature
+S = "string"
 SCHEMA: tuple[Feature, ...] = (
     # --- query side: the searcher and the query text --------------------------------------
-    F("query", QUERY, TEXT, "string", "sessions.query"),
-    F("searcher_id", QUERY, CATEGORICAL, "string", "sessions.searcher_id", 100_000),
-    F("searcher_city", QUERY, CATEGORICAL, "string", "searchers.city", 10_000, table="city"),
-    F("searcher_region", QUERY, CATEGORICAL, "string", "searchers.region", 1_000, table="region"),
-    F("searcher_country", QUERY, CATEGORICAL, "string", "searchers.country", 300, table="country"),
-    F("searcher_language", QUERY, CATEGORICAL, "string", "searchers.language", 300, table="language"),
-    F("searcher_attributes", QUERY, MULTI, "string", "searchers.attributes", 10_000, 32),
+    F(QUERY_TEXT, side=QUERY, kind=TEXT, dtype=S, source="sessions.query"),
+    F(SEARCHER_ID, side=QUERY, kind=CATEGORICAL, dtype=S, source="sessions.searcher_id",
+      hash_buckets=100_000),
+    F(SEARCHER_CITY, side=QUERY, kind=CATEGORICAL, dtype=S, source="searchers.city",
+      hash_buckets=10_000, table="city"),
+    F(SEARCHER_REGION, side=QUERY, kind=CATEGORICAL, dtype=S, source="searchers.region",
+      hash_buckets=1_000, table="region"),
+    F(SEARCHER_COUNTRY, side=QUERY, kind=CATEGORICAL, dtype=S, source="searchers.country",
+      hash_buckets=300, table="country"),
+    F(SEARCHER_LANGUAGE, side=QUERY, kind=CATEGORICAL, dtype=S, source="searchers.language",
+      hash_buckets=300, table="language"),
+    F(SEARCHER_ATTRIBUTES, side=QUERY, kind=MULTI, dtype=S, source="searchers.attributes",
+      hash_buckets=10_000, max_values=32),
     # Friends and document members share one entity table so that mutual connections show up
     # in the dot product (paper 4.2, social embedding features).
-    F("searcher_friends", QUERY, MULTI, "string", "searchers.friends", 200_000, 64, table="entity"),
-    F("history_doc_ids", QUERY, MULTI, "string", "sessions (earlier clicks)", 200_000,
-      HISTORY_LENGTH, table="doc_id"),
+    F(SEARCHER_FRIENDS, side=QUERY, kind=MULTI, dtype=S, source="searchers.friends",
+      hash_buckets=200_000, max_values=64, table="entity"),
+    F(HISTORY_DOC_IDS, side=QUERY, kind=MULTI, dtype=S, source="sessions (earlier clicks)",
+      hash_buckets=200_000, max_values=HISTORY_LENGTH, table="doc_id"),
     # --- document side -------------------------------------------------------------------
-    F("doc_id", DOCUMENT, CATEGORICAL, "string", "documents.doc_id", 200_000, table="doc_id"),
-    F("doc_text", DOCUMENT, TEXT, "string", "documents.text"),
-    F("doc_type", DOCUMENT, CATEGORICAL, "string", "documents.type", 100),
-    F("doc_city", DOCUMENT, CATEGORICAL, "string", "documents.city", 10_000, table="city"),
-    F("doc_region", DOCUMENT, CATEGORICAL, "string", "documents.region", 1_000, table="region"),
-    F("doc_country", DOCUMENT, CATEGORICAL, "string", "documents.country", 300, table="country"),
-    F("doc_language", DOCUMENT, CATEGORICAL, "string", "documents.language", 300, table="language"),
-    F("doc_attributes", DOCUMENT, MULTI, "string", "documents.attributes", 10_000, 32),
-    F("doc_members", DOCUMENT, MULTI, "string", "documents.members", 200_000, 64, table="entity"),
+    F(DOC_ID, side=DOCUMENT, kind=CATEGORICAL, dtype=S, source="documents.doc_id",
+      hash_buckets=200_000, table="doc_id"),
+    F(DOC_TEXT, side=DOCUMENT, kind=TEXT, dtype=S, source="documents.text"),
+    F(DOC_TYPE, side=DOCUMENT, kind=CATEGORICAL, dtype=S, source="documents.type",
+      hash_buckets=100),
+    F(DOC_CITY, side=DOCUMENT, kind=CATEGORICAL, dtype=S, source="documents.city",
+      hash_buckets=10_000, table="city"),
+    F(DOC_REGION, side=DOCUMENT, kind=CATEGORICAL, dtype=S, source="documents.region",
+      hash_buckets=1_000, table="region"),
+    F(DOC_COUNTRY, side=DOCUMENT, kind=CATEGORICAL, dtype=S, source="documents.country",
+      hash_buckets=300, table="country"),
+    F(DOC_LANGUAGE, side=DOCUMENT, kind=CATEGORICAL, dtype=S, source="documents.language",
+      hash_buckets=300, table="language"),
+    F(DOC_ATTRIBUTES, side=DOCUMENT, kind=MULTI, dtype=S, source="documents.attributes",
+      hash_buckets=10_000, max_values=32),
+    F(DOC_MEMBERS, side=DOCUMENT, kind=MULTI, dtype=S, source="documents.members",
+      hash_buckets=200_000, max_values=64, table="entity"),
     # --- example level: bookkeeping and loss inputs --------------------------------------
-    F("session_id", EXAMPLE, ID, "string", "sessions.session_id"),
-    F("timestamp", EXAMPLE, LABEL, "int64", "sessions.timestamp", default=0),
+    F(SESSION_ID, side=EXAMPLE, kind=ID, dtype=S, source="sessions.session_id"),
+    F(TIMESTAMP, side=EXAMPLE, kind=LABEL, dtype="int64", source="sessions.timestamp",
+      default=0),
     # Sampling probability of the positive document in the training stream (its click share),
     # used for the logQ correction (Yi et al. 2019). Written by `ebr pipeline examples`.
-    F("doc_sampling_prob", EXAMPLE, LABEL, "float32", "click frequencies", default=0.0),
+    F(DOC_SAMPLING_PROB, side=EXAMPLE, kind=LABEL, dtype="float32", source="click frequencies",
+      default=0.0),
     # Extra negatives for this example (offline hard negatives, non-click impressions): doc ids
     # resolved against the document corpus by the trainer.
-    F("negative_doc_ids", EXAMPLE, ID, "string", "mined / impressions", max_values=64),
+    F(NEGATIVE_DOC_IDS, side=EXAMPLE, kind=ID, dtype=S, source="mined / impressions",
+      max_values=64),
 )
-del F
+del F, S
 
 BY_NAME: dict[str, Feature] = {f.name: f for f in SCHEMA}
 
@@ -196,30 +240,30 @@ def parse_example(serialized: bytes) -> dict:
 def query_values(query: str, searcher: dict, history: list[str]) -> dict:
     """Query-side feature values from a canonical searcher record (docs/data-format.md)."""
     return {
-        "query": query or "",
-        "searcher_id": searcher["searcher_id"],
-        "searcher_city": searcher.get("city") or "",
-        "searcher_region": searcher.get("region") or "",
-        "searcher_country": searcher.get("country") or "",
-        "searcher_language": searcher.get("language") or "",
-        "searcher_attributes": attribute_terms(searcher.get("attributes")),
-        "searcher_friends": list(searcher.get("friends") or []),
-        "history_doc_ids": list(history),
+        QUERY_TEXT: query or "",
+        SEARCHER_ID: searcher["searcher_id"],
+        SEARCHER_CITY: searcher.get("city") or "",
+        SEARCHER_REGION: searcher.get("region") or "",
+        SEARCHER_COUNTRY: searcher.get("country") or "",
+        SEARCHER_LANGUAGE: searcher.get("language") or "",
+        SEARCHER_ATTRIBUTES: attribute_terms(searcher.get("attributes")),
+        SEARCHER_FRIENDS: list(searcher.get("friends") or []),
+        HISTORY_DOC_IDS: list(history),
     }
 
 
 def document_values(doc: dict) -> dict:
     """Document-side feature values from a canonical document record."""
     return {
-        "doc_id": doc["doc_id"],
-        "doc_text": doc["text"],
-        "doc_type": doc.get("type") or "",
-        "doc_city": doc.get("city") or "",
-        "doc_region": doc.get("region") or "",
-        "doc_country": doc.get("country") or "",
-        "doc_language": doc.get("language") or "",
-        "doc_attributes": attribute_terms(doc.get("attributes")),
-        "doc_members": list(doc.get("members") or []),
+        DOC_ID: doc["doc_id"],
+        DOC_TEXT: doc["text"],
+        DOC_TYPE: doc.get("type") or "",
+        DOC_CITY: doc.get("city") or "",
+        DOC_REGION: doc.get("region") or "",
+        DOC_COUNTRY: doc.get("country") or "",
+        DOC_LANGUAGE: doc.get("language") or "",
+        DOC_ATTRIBUTES: attribute_terms(doc.get("attributes")),
+        DOC_MEMBERS: list(doc.get("members") or []),
     }
 
 
@@ -234,7 +278,7 @@ def document_filter_terms(values: dict) -> list[str]:
         value = first(values.get(f"doc_{key}", ""))
         if value:
             terms.append(f"{key}:{normalize_text(str(value))}")
-    terms += [f"attributes.{t}" for t in values.get("doc_attributes", [])]
+    terms += [f"attributes.{t}" for t in values.get(DOC_ATTRIBUTES, [])]
     return terms
 
 

@@ -26,7 +26,7 @@ import json
 import logging
 
 from ebr import artifacts, features, storage
-from experiments import mining
+from beam_pipelines import mining
 
 log = logging.getLogger(__name__)
 

@@ -64,7 +64,7 @@ def register(subparsers) -> None:
 
 def _mine(args: argparse.Namespace) -> int:
     from beam_pipelines.mine_negatives import MineConfig, run
-    from experiments.mining import MiningConfig, parse_window
+    from beam_pipelines.mining import MiningConfig, parse_window
 
     start, end = parse_window(args.window)
     cfg = MineConfig(

@@ -47,7 +47,7 @@ import time
 import numpy as np
 
 from ebr import artifacts, storage
-from experiments import mining
+from beam_pipelines import mining
 
 log = logging.getLogger(__name__)
 

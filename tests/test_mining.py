@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from tower_fixtures import write_hashed_query_tower
 
-from experiments import mining
+from beam_pipelines import mining
 
 
 def ranked(n):
