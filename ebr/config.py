@@ -1,39 +1,81 @@
-"""Typed configuration: dataclasses loaded from JSON/YAML files with `key=value` overrides.
+"""Typed configuration: the one way every command is configured.
 
-Every component keeps its own dataclass (e.g. `trainer.config.TrainConfig`); this module only
-turns files and flags into them, rejecting unknown keys so a typo is an error, not a default.
+Every component keeps its own dataclass (e.g. `trainer.config.TrainConfig`); each default lives
+there and nowhere else. This module turns a dataclass into command-line flags, and files and
+flags into an instance:
+
+    defaults (the dataclass) <- `--config FILE` (JSON/YAML, any URI) <- flags <- `--set a.b=v`
+
+Unknown keys are an error, so a typo is an error, not a default. A command then logs its resolved
+configuration (`announce`) and writes it beside its output (`save`), as TFX components record
+their exec properties.
+
+Flags are generated from the top-level fields: `batch_size` -> `--batch-size`; help text from
+`field(metadata={"help": ...})` or the field's trailing `# comment`; more option strings from
+metadata "flags"; metadata "positional" makes a positional argument, "required" a field that must
+be given, "choices" a closed set. Nested dataclass fields get no flag: `--set parent.child=v` or
+the file set them.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import functools
+import inspect
 import json
+import logging
+import re
 import types
 import typing
-from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"  # what `save` writes beside a command's output
+_DEST = "cfg__"  # argparse dest prefix of generated flags: never collides with a command's own
+
+
+# --- values -------------------------------------------------------------------------------
+
+def _optional_inner(tp: Any) -> Any:
+    """`X | None` -> X; anything else unchanged."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp) and isinstance(value, dict):
         return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or value == "none":
+            return None
+        return _coerce(_optional_inner(tp), value, where)
     if origin in (list, tuple) and isinstance(value, str):
         value = [v for v in value.split(",") if v]
     if origin in (list, tuple):
-        (inner, *_) = typing.get_args(tp) or (Any,)
+        args = typing.get_args(tp)
+        inner = args[0] if args else Any
         return origin(_coerce(inner, v, where) for v in value)
-    if origin is typing.Union or origin is types.UnionType:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or value == "none":
-            return None
-        return _coerce(args[0], value, where)
+    if (tp is dict or origin is dict) and isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: expected a JSON object, got {value!r} ({e.msg})") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {value!r}")
+        return value
     if tp is bool and isinstance(value, str):
         if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise ValueError(f"{where}: expected a boolean, got {value!r}")
         return value.lower() in ("true", "1", "yes")
     if tp in (int, float, str):
+        if tp is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"{where}: expected int, got {value!r}")
         try:
             return tp(value)
         except (TypeError, ValueError):
@@ -42,6 +84,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 
 
 def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping for {cls.__name__}, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -50,39 +94,196 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     return cls(**{k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()})
 
 
-def read_file(path: str | Path, what: str = "file") -> dict:
-    """A JSON or YAML (by suffix) mapping; a missing file or a syntax error names the file."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{what} {p} does not exist")
-    text = p.read_text()
-    if p.suffix in (".yaml", ".yml"):
+def read_file(path: str, what: str = "file") -> dict:
+    """A JSON or YAML (by suffix) mapping at any URI; a missing file or a syntax error names it."""
+    from ebr import storage
+
+    path = str(path)
+    if not storage.exists(path):
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    text = storage.read_text(path)
+    if path.endswith((".yaml", ".yml")):
         import yaml
 
         try:
-            return yaml.safe_load(text) or {}
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
-            raise ValueError(f"{what} {p}: {e}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{what} {p}: line {e.lineno}: {e.msg}") from None
+            raise ValueError(f"{what} {path}: {e}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{what} {path}: line {e.lineno}: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path}: expected a mapping at the top, got {type(data).__name__}")
+    return data
 
 
-def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Config from an optional JSON/YAML file, then `a.b=value` overrides on top."""
-    data: dict = read_file(path, "config file") if path else {}
+def _apply_overrides(data: dict, overrides: list[str]) -> dict:
     for item in overrides or []:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value")
+            raise ValueError(f"--set {item!r} is not key=value")
         key, value = item.split("=", 1)
         node = data
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {item!r}: {part} is not a section")
         node[leaf] = value
-    return from_dict(cls, data)
+    return data
 
 
-def to_dict(obj: Any) -> dict:
-    return dataclasses.asdict(obj)
+def load(cls: type[T], path: str | None = None, overrides: list[str] | None = None) -> T:
+    """Config from an optional JSON/YAML file, then `a.b=value` overrides on top."""
+    data: dict = read_file(str(path), "config file") if path else {}
+    return from_dict(cls, _apply_overrides(data, list(overrides or [])))
+
+
+# --- flags --------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _comments(cls: type) -> dict[str, str]:
+    """`name: type = default  # comment` -> {name: comment}, over the class and its bases."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+?)\s*$", source, re.M):
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+def _default(field: dataclasses.Field) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _kind(tp: Any) -> str:
+    tp = _optional_inner(tp)
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return "section"
+    if tp is bool:
+        return "bool"
+    if origin in (list, tuple):
+        return "list"
+    if tp is dict or origin is dict:
+        return "dict"
+    return "scalar"
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> argparse.ArgumentParser:
+    """`--config`, `--set` and one flag per top-level field of `cls` (see the module doc)."""
+    hints = typing.get_type_hints(cls)
+    comments = _comments(cls)
+    sections = []
+    for field in dataclasses.fields(cls):
+        meta = field.metadata
+        kind = _kind(hints[field.name])
+        if kind == "section":
+            sections.append(field.name)
+            continue
+        help_text = meta.get("help", comments.get(field.name, ""))
+        default = _default(field)
+        if kind != "bool" and default not in ("", None, [], (), {}):
+            help_text = f"{help_text} (default: {default})" if help_text else f"default: {default}"
+        help_text = help_text.replace("%", "%%")
+        dest = _DEST + field.name
+        if meta.get("positional"):
+            parser.add_argument(dest, metavar=field.name.upper(), nargs="?",
+                                default=argparse.SUPPRESS, help=help_text)
+            continue
+        names = [flag_name(field.name), *meta.get("flags", ())]
+        kw: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
+        if kind == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+            kw["help"] = f"{help_text} (default: {str(bool(default)).lower()})".lstrip()
+        elif kind in ("list", "dict"):
+            kw.update(action="append", metavar="KEY=VALUE" if kind == "dict" else "VALUE")
+            kw["help"] += " (repeatable)" if kind == "dict" else " (repeatable or comma-separated)"
+        else:
+            kw["metavar"] = field.name.upper()
+        if meta.get("choices"):
+            kw["choices"] = tuple(meta["choices"])
+        parser.add_argument(*names, **kw)
+    parser.add_argument("--config", dest=_DEST + "_file", metavar="FILE", default=None,
+                        help="JSON/YAML file of settings (any URI); flags and --set override it")
+    set_help = "override any setting, dotted into sections (repeatable)"
+    if sections:
+        set_help += f"; sections: {', '.join(sections)}"
+    parser.add_argument("--set", dest=_DEST + "_set", action="append", default=[],
+                        metavar="KEY=VALUE", help=set_help)
+    return parser
+
+
+def _dict_items(items: list[str], flag: str) -> dict:
+    out: dict = {}
+    for item in items:
+        if item.lstrip().startswith("{"):
+            out.update(_coerce(dict, item, flag))
+            continue
+        if "=" not in item:
+            raise ValueError(f"{flag} {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """The configuration a command's parsed arguments describe (see the module doc's order)."""
+    path = getattr(args, _DEST + "_file", None)
+    data: dict = read_file(path, "config file") if path else {}
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if not hasattr(args, _DEST + field.name):
+            continue
+        raw = getattr(args, _DEST + field.name)
+        kind = _kind(hints[field.name])
+        if kind == "list":
+            raw = [v for item in raw for v in item.split(",") if v]
+        elif kind == "dict":
+            raw = _dict_items(raw, flag_name(field.name))
+        data[field.name] = raw
+    cfg = from_dict(cls, _apply_overrides(data, list(getattr(args, _DEST + "_set", []))))
+    for field in dataclasses.fields(cls):
+        if field.metadata.get("required") and getattr(cfg, field.name) in ("", None):
+            raise ValueError(f"{flag_name(field.name)} is required (a flag, or "
+                             f"{field.name} in --config / --set)")
+    return cfg
+
+
+# --- record -------------------------------------------------------------------------------
+
+def as_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def announce(command: str, cfg: Any) -> None:
+    """Logs the resolved configuration a command runs with, before it starts."""
+    log.info("ebr %s configuration: %s", command,
+             json.dumps(as_dict(cfg), sort_keys=True, default=str))
+
+
+def save(cfg: Any, directory: str, name: str = CONFIG_FILE) -> str:
+    """Writes the resolved configuration beside a command's output (any URI); returns its path."""
+    from ebr import storage
+
+    path = storage.join(directory, name)
+    storage.write_bytes(path, (json.dumps(as_dict(cfg), indent=2, sort_keys=True, default=str)
+                               + "\n").encode())
+    return path

@@ -1,0 +1,105 @@
+"""ebr.config: flags generated from dataclasses, --config and --set, the order they apply in,
+and the configuration a command records beside its output."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import pytest
+
+from ebr import config
+
+
+@dataclasses.dataclass
+class Inner:
+    window: tuple[int, ...] = (101, 500)
+    ratio: str = "100:1"
+
+
+@dataclasses.dataclass
+class Cmd:
+    query: str = dataclasses.field(default="", metadata={"positional": True, "help": "query text"})
+    output: str = dataclasses.field(default="", metadata={"required": True})
+    batch_size: int = 256  # examples per batch
+    k: int = dataclasses.field(default=10, metadata={"flags": ("-k",)})
+    shuffle: bool = True  # reshuffle every epoch
+    ks: list[int] = dataclasses.field(default_factory=lambda: [10, 50])
+    params: dict | None = None  # backend search parameters
+    radius: float | None = None
+    mode: str = dataclasses.field(default="hash", metadata={"choices": ("hash", "time")})
+    inner: Inner = dataclasses.field(default_factory=Inner)
+
+
+def parse(argv: list[str]) -> Cmd:
+    parser = argparse.ArgumentParser(prog="cmd", exit_on_error=False)
+    config.add_arguments(parser, Cmd)
+    return config.from_args(Cmd, parser.parse_args(argv))
+
+
+def test_flags_types_and_defaults_from_the_dataclass():
+    cfg = parse(["--output", "out", "hello"])
+    assert cfg == Cmd(query="hello", output="out")
+    cfg = parse(["--output=o", "--batch-size", "8", "-k", "3", "--no-shuffle", "--ks", "1,5",
+                 "--ks", "100", "--params", "nprobe=32",
+                 "--params", "mode=fast", "--radius", "0.5", "--mode", "time"])
+    assert (cfg.batch_size, cfg.k, cfg.shuffle, cfg.ks, cfg.radius, cfg.mode) == (
+        8, 3, False, [1, 5, 100], 0.5, "time")
+    assert cfg.params == {"nprobe": 32, "mode": "fast"}
+    assert parse(["--output=o", "--params", '{"nprobe": 4}', "--radius", "none"]).radius is None
+
+
+def test_order_defaults_file_flags_set(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("output: from-file\nbatch_size: 64\nk: 7\ninner:\n  ratio: '10:1'\n")
+    cfg = parse(["--config", str(f), "-k", "5", "--set", "k=6", "--set", "inner.window=1,20"])
+    assert (cfg.output, cfg.batch_size, cfg.k) == ("from-file", 64, 6)
+    assert cfg.inner == Inner(window=(1, 20), ratio="10:1")
+
+
+def test_bad_input_names_the_key_or_flag(tmp_path):
+    with pytest.raises(ValueError, match=r"--output is required"):
+        parse([])
+    with pytest.raises(ValueError, match=r"config\.batch_size: expected int, got 'x'"):
+        parse(["--output=o", "--batch-size", "x"])
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['nprobe'\] for Cmd"):
+        parse(["--output=o", "--set", "nprobe=4"])
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['size'\] for Inner"):
+        parse(["--output=o", "--set", "inner.size=4"])
+    with pytest.raises(ValueError, match=r"--params 'nprobe' is not key=value"):
+        parse(["--output=o", "--params", "nprobe"])
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"k": 1,\n "output": }')
+    with pytest.raises(ValueError, match=rf"config file {bad}: line 2"):
+        parse(["--config", str(bad)])
+    with pytest.raises(FileNotFoundError, match="config file nope.json does not exist"):
+        parse(["--config", "nope.json"])
+    with pytest.raises(argparse.ArgumentError):
+        parse(["--output=o", "--mode", "random"])
+
+
+def test_help_shows_comments_and_defaults():
+    parser = argparse.ArgumentParser(prog="cmd")
+    config.add_arguments(parser, Cmd)
+    text = parser.format_help()
+    assert "examples per batch (default: 256)" in text
+    assert "reshuffle every epoch (default: true)" in text
+    assert "--no-shuffle" in text and "-k K" in text and "sections: inner" in text
+
+
+def test_announce_and_save(tmp_path, caplog):
+    cfg = parse(["--output=o", "q"])
+    with caplog.at_level("INFO", logger="ebr.config"):
+        config.announce("cmd", cfg)
+    assert '"batch_size": 256' in caplog.text and "ebr cmd configuration" in caplog.text
+    path = config.save(cfg, str(tmp_path / "run"))
+    saved = json.loads(open(path).read())
+    assert saved["query"] == "q" and saved["inner"]["window"] == [101, 500]
+    assert config.load(Cmd, path) == cfg
+
+
+def test_save_and_load_on_object_storage(gcs_root):
+    cfg = parse(["--output=o", "--batch-size=3"])
+    path = config.save(cfg, gcs_root)
+    assert path == f"{gcs_root}/config.json"
+    assert config.load(Cmd, path) == cfg
