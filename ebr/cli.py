@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
+
+from ebr import logs
 
 # Component CLIs in data-flow order; a component that is not importable yet is skipped.
 COMPONENTS = (
@@ -40,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Run as a program (no argv given), the command owns stderr and may filter it (ebr.logs).
+    logs.setup(args.verbose, filter_native=argv is None)
     from ebr.storage import StorageError
 
     try:
