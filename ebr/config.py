@@ -247,18 +247,28 @@ def _dict_items(items: list[str], flag: str) -> dict:
 def from_args(cls: type[T], args: argparse.Namespace) -> T:
     """The configuration a command's parsed arguments describe (see the module doc's order)."""
     path = getattr(args, _DEST + "_file", None)
-    data: dict = read_file(path, "config file") if path else {}
+    loaded: dict = read_file(path, "config file") if path else {}
     hints = typing.get_type_hints(cls)
+    data: dict = {}
     for field in dataclasses.fields(cls):
+        kind = _kind(hints[field.name])
+        if kind == "dict" and (_default(field) or field.name in loaded):
+            # Mappings merge key by key (default <- file <- flags <- --set), so `--params
+            # nprobe=64` keeps the other defaults of the mapping.
+            data[field.name] = {**(_default(field) or {}), **_coerce(
+                dict, loaded.pop(field.name) or {} if field.name in loaded else {},
+                f"config.{field.name}")}
+        if field.name in loaded:
+            data[field.name] = loaded.pop(field.name)
         if not hasattr(args, _DEST + field.name):
             continue
         raw = getattr(args, _DEST + field.name)
-        kind = _kind(hints[field.name])
         if kind == "list":
             raw = [v for item in raw for v in item.split(",") if v]
         elif kind == "dict":
-            raw = _dict_items(raw, flag_name(field.name))
+            raw = {**data.get(field.name, {}), **_dict_items(raw, flag_name(field.name))}
         data[field.name] = raw
+    data.update(loaded)  # unknown keys: from_dict names them
     cfg = from_dict(cls, _apply_overrides(data, list(getattr(args, _DEST + "_set", []))))
     for field in dataclasses.fields(cls):
         if field.metadata.get("required") and getattr(cfg, field.name) in ("", None):

@@ -103,3 +103,23 @@ def test_save_and_load_on_object_storage(gcs_root):
     path = config.save(cfg, gcs_root)
     assert path == f"{gcs_root}/config.json"
     assert config.load(Cmd, path) == cfg
+
+
+@dataclasses.dataclass
+class WithMapping:
+    train: dict = dataclasses.field(default_factory=lambda: {"epochs": 3, "batch_size": 512})
+
+
+def test_mappings_merge_key_by_key(tmp_path):
+    def parse_mapping(argv):
+        parser = argparse.ArgumentParser(prog="cmd")
+        config.add_arguments(parser, WithMapping)
+        return config.from_args(WithMapping, parser.parse_args(argv)).train
+
+    assert parse_mapping([]) == {"epochs": 3, "batch_size": 512}
+    assert parse_mapping(["--train", "epochs=1"]) == {"epochs": 1, "batch_size": 512}
+    assert parse_mapping(["--set", "train.epochs=2"]) == {"epochs": "2", "batch_size": 512}
+    f = tmp_path / "c.json"
+    f.write_text('{"train": {"lr": 0.1}}')
+    assert parse_mapping(["--config", str(f), "--train", "eval_ks=10,50"]) == {
+        "epochs": 3, "batch_size": 512, "lr": 0.1, "eval_ks": "10,50"}
