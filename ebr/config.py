@@ -10,11 +10,11 @@ Unknown keys are an error, so a typo is an error, not a default. A command then 
 configuration (`announce`) and writes it beside its output (`save`), as TFX components record
 their exec properties.
 
-Flags are generated from the top-level fields: `batch_size` -> `--batch-size`; help text from
-`field(metadata={"help": ...})` or the field's trailing `# comment`; more option strings from
-metadata "flags"; metadata "positional" makes a positional argument, "required" a field that must
-be given, "choices" a closed set. Nested dataclass fields get no flag: `--set parent.child=v` or
-the file set them.
+Flags are generated from the fields: `batch_size` -> `--batch-size`, a field of a section (a
+nested dataclass) -> `--loss.queue-size`; the settings' own spelling (`--batch_size`) is accepted
+too. Help text comes from `field(metadata={"help": ...})` or the field's trailing `# comment`;
+more option strings from metadata "flags"; metadata "positional" makes a positional argument,
+"required" a field that must be given, "choices" a closed set.
 """
 from __future__ import annotations
 
@@ -184,28 +184,40 @@ def _kind(tp: Any) -> str:
     return "scalar"
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> argparse.ArgumentParser:
-    """`--config`, `--set` and one flag per top-level field of `cls` (see the module doc)."""
+def _leaves(cls: type, prefix: tuple[str, ...] = ()):
+    """(path, field, type hint, owning class) of every non-section field, sections walked."""
     hints = typing.get_type_hints(cls)
-    comments = _comments(cls)
-    sections = []
     for field in dataclasses.fields(cls):
-        meta = field.metadata
-        kind = _kind(hints[field.name])
-        if kind == "section":
-            sections.append(field.name)
-            continue
-        help_text = meta.get("help", comments.get(field.name, ""))
+        tp = hints[field.name]
+        if _kind(tp) == "section":
+            yield from _leaves(_optional_inner(tp), prefix + (field.name,))
+        else:
+            yield prefix + (field.name,), field, tp, cls
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> argparse.ArgumentParser:
+    """`--config`, `--set` and one flag per field of `cls`; fields of a section (a nested
+    dataclass) are `--section.field` in a group of their own (see the module doc)."""
+    groups: dict[str, Any] = {}
+    for path, field, tp, owner in _leaves(cls):
+        meta, kind, key = field.metadata, _kind(tp), ".".join(path)
+        target = parser
+        if len(path) > 1:
+            section = ".".join(path[:-1])
+            if section not in groups:
+                groups[section] = parser.add_argument_group(
+                    f"{section} settings", f"also --set {section}.KEY=VALUE or the config file")
+            target = groups[section]
+        help_text = meta.get("help", _comments(owner).get(field.name, ""))
         default = _default(field)
         if kind != "bool" and default not in ("", None, [], (), {}):
             help_text = f"{help_text} (default: {default})" if help_text else f"default: {default}"
         help_text = help_text.replace("%", "%%")
-        dest = _DEST + field.name
+        dest = _DEST + key
         if meta.get("positional"):
-            parser.add_argument(dest, metavar=field.name.upper(), nargs="?",
+            target.add_argument(dest, metavar=field.name.upper(), nargs="?",
                                 default=argparse.SUPPRESS, help=help_text)
             continue
-        names = [flag_name(field.name), *meta.get("flags", ())]
         kw: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
         if kind == "bool":
             kw["action"] = argparse.BooleanOptionalAction
@@ -217,14 +229,20 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> argparse.Argume
             kw["metavar"] = field.name.upper()
         if meta.get("choices"):
             kw["choices"] = tuple(meta["choices"])
-        parser.add_argument(*names, **kw)
+        target.add_argument(flag_name(key), *meta.get("flags", ()), **kw)
+        if "_" in key:
+            # The settings' own spelling (`--learning_rate`, `--loss.queue_size`) is accepted
+            # too: Vertex AI hyperparameter tuning passes `--PARAMETER_ID=value` with the ids
+            # users write in their study spec.
+            alias = {**kw, "help": argparse.SUPPRESS}
+            if kind == "bool":
+                alias["action"] = "store_true"
+            target.add_argument("--" + key, **alias)
     parser.add_argument("--config", dest=_DEST + "_file", metavar="FILE", default=None,
                         help="JSON/YAML file of settings (any URI); flags and --set override it")
-    set_help = "override any setting, dotted into sections (repeatable)"
-    if sections:
-        set_help += f"; sections: {', '.join(sections)}"
     parser.add_argument("--set", dest=_DEST + "_set", action="append", default=[],
-                        metavar="KEY=VALUE", help=set_help)
+                        metavar="KEY=VALUE", help="override any setting, dotted into sections "
+                                                  "(repeatable)")
     return parser
 
 
@@ -244,36 +262,50 @@ def _dict_items(items: list[str], flag: str) -> dict:
     return out
 
 
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = (_merge(out[key], value) if isinstance(value, dict)
+                    and isinstance(out.get(key), dict) else value)
+    return out
+
+
 def from_args(cls: type[T], args: argparse.Namespace) -> T:
     """The configuration a command's parsed arguments describe (see the module doc's order)."""
     path = getattr(args, _DEST + "_file", None)
     loaded: dict = read_file(path, "config file") if path else {}
+    # Sections and mappings merge key by key (default <- file <- flags <- --set), so
+    # `--params nprobe=64` or `--set loss.temperature=0.1` keeps the others' defaults.
     hints = typing.get_type_hints(cls)
-    data: dict = {}
+    seed: dict = {}
     for field in dataclasses.fields(cls):
-        kind = _kind(hints[field.name])
-        if kind == "dict" and (_default(field) or field.name in loaded):
-            # Mappings merge key by key (default <- file <- flags <- --set), so `--params
-            # nprobe=64` keeps the other defaults of the mapping.
-            data[field.name] = {**(_default(field) or {}), **_coerce(
-                dict, loaded.pop(field.name) or {} if field.name in loaded else {},
-                f"config.{field.name}")}
-        if field.name in loaded:
-            data[field.name] = loaded.pop(field.name)
-        if not hasattr(args, _DEST + field.name):
+        kind, default = _kind(hints[field.name]), _default(field)
+        if kind == "section" and default is not None:
+            seed[field.name] = dataclasses.asdict(default)
+        elif kind == "dict" and default:
+            seed[field.name] = dict(default)
+    data = _merge(seed, loaded)
+    for path_, field, tp, _ in _leaves(cls):
+        dest = _DEST + ".".join(path_)
+        if not hasattr(args, dest):
             continue
-        raw = getattr(args, _DEST + field.name)
+        raw, kind = getattr(args, dest), _kind(tp)
+        node = data
+        for part in path_[:-1]:
+            node = node.setdefault(part, {})
         if kind == "list":
             raw = [v for item in raw for v in item.split(",") if v]
         elif kind == "dict":
-            raw = {**data.get(field.name, {}), **_dict_items(raw, flag_name(field.name))}
-        data[field.name] = raw
-    data.update(loaded)  # unknown keys: from_dict names them
+            current = node.get(field.name)
+            raw = {**(current if isinstance(current, dict) else {}),
+                   **_dict_items(raw, flag_name(".".join(path_)))}
+        node[field.name] = raw
     cfg = from_dict(cls, _apply_overrides(data, list(getattr(args, _DEST + "_set", []))))
-    for field in dataclasses.fields(cls):
-        if field.metadata.get("required") and getattr(cfg, field.name) in ("", None):
-            raise ValueError(f"{flag_name(field.name)} is required (a flag, or "
-                             f"{field.name} in --config / --set)")
+    for path_, field, _, _ in _leaves(cls):
+        value = functools.reduce(getattr, path_, cfg)
+        if field.metadata.get("required") and value in ("", None):
+            key = ".".join(path_)
+            raise ValueError(f"{flag_name(key)} is required (a flag, or {key} in --config / --set)")
     return cfg
 
 

@@ -84,7 +84,27 @@ def test_help_shows_comments_and_defaults():
     text = parser.format_help()
     assert "examples per batch (default: 256)" in text
     assert "reshuffle every epoch (default: true)" in text
-    assert "--no-shuffle" in text and "-k K" in text and "sections: inner" in text
+    assert "--no-shuffle" in text and "-k K" in text
+    assert "inner settings" in text and "--inner.ratio RATIO" in text
+    assert "--batch_size" not in text  # the settings' own spelling is accepted, not listed
+
+
+def test_section_flags_and_the_settings_own_spelling():
+    cfg = parse(["--output=o", "--inner.ratio", "1:1", "--batch_size=4", "--inner.window=5,9"])
+    assert (cfg.inner, cfg.batch_size) == (Inner(window=(5, 9), ratio="1:1"), 4)
+
+
+@dataclasses.dataclass
+class Outer:
+    inner: Inner = dataclasses.field(default_factory=lambda: Inner(ratio="3:1"))
+
+
+def test_a_partial_section_keeps_the_section_defaults():
+    parser = argparse.ArgumentParser(prog="cmd")
+    config.add_arguments(parser, Outer)
+    assert config.from_args(Outer, parser.parse_args([])) == Outer()
+    cfg = config.from_args(Outer, parser.parse_args(["--set", "inner.window=1,2"]))
+    assert cfg.inner == Inner(window=(1, 2), ratio="3:1")
 
 
 def test_announce_and_save(tmp_path, caplog):
