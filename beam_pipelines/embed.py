@@ -3,42 +3,46 @@
 Place in the data flow: the corpus of the examples artifact `EX[/VERSION]` of `ebr pipeline
 examples` (docs/contracts.md section 2) + `MODEL_DIR/doc_tower[/VERSION]` of `ebr train`
 (section 3) -> a new committed version `EMB/VERSION/{embeddings-*.tfrecord.gz,
-embeddings.json, dead_letter/, _COMMITTED}` (section 4), which `ebr index build` reads with
-`index.embeddings.read_embeddings`. Inputs are resolved with `ebr.artifacts` (committed
-versions only).
+embeddings.json, config.json, dead_letter/, _COMMITTED}` (section 4), which `ebr index build`
+reads with `index.embeddings.read_embeddings`. Inputs are resolved with `ebr.artifacts`
+(committed versions only).
 
-Steps (local runner by default, Dataflow/Flink/Spark by options; shards through Beam's file
-systems, driver-side files through `ebr.storage`, so gs:// paths work):
- 1. read the corpus TFRecords with their file names; a record that does not parse as an
-    Example, or lacks doc_id / doc_text, is a dead letter naming the file;
- 2. `RunInference` with `DocTowerHandler`: the tower's `serving_default` takes a dict of named
-    string tensors (scalar kinds [B], MULTI kinds [B, N] padded with ""), which the stock
-    TF handlers (same-shaped tensor batches) cannot feed. A failing batch is retried one
-    document at a time so one bad document is dead-lettered alone; a non-finite or
-    wrong-dimension embedding is a dead letter too;
- 3. write Examples {doc_id, embedding, filter_terms (`features.document_filter_terms`)} in
-    GZIP TFRecord shards and dead letters as JSON lines straight into the new version
-    directory; the driver then writes `embeddings.json` and commits the version
-    (`beam_pipelines.outputs`: marker last, older versions pruned to the newest 2).
+The pipeline is `ReadCorpus | EmbedDocuments | WriteEmbeddingsVersion` (`build`; local runner
+by default, Dataflow/Flink/Spark by options; shards through Beam's file systems, driver-side
+files through `ebr.storage`, so gs:// paths work):
+ 1. `ReadCorpus` reads the corpus TFRecords with their file names;
+ 2. `EmbedDocuments` parses each record (one that does not parse as an Example, or lacks
+    doc_id, is a dead letter naming the file) and runs `RunInference` with
+    `DocTowerHandler`: the tower's `serving_default` takes a dict of named string tensors
+    (scalar kinds [B], MULTI kinds [B, N] padded with ""), which the stock TF handlers
+    (same-shaped tensor batches) cannot feed. A failing batch is retried one document at a
+    time so one bad document is dead-lettered alone; a non-finite or wrong-dimension
+    embedding is a dead letter too;
+ 3. `WriteEmbeddingsVersion` writes Examples {doc_id, embedding, filter_terms
+    (`features.document_filter_terms`)} in GZIP TFRecord shards and dead letters as JSON lines
+    straight into the new version directory; the driver then writes `embeddings.json` and
+    `config.json` and commits the version (`beam_pipelines.outputs`: marker last, older
+    versions pruned to the newest 2).
 """
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import logging
 import time
 
 import apache_beam as beam
 import numpy as np
+from apache_beam import pvalue
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.runners.runner import PipelineState
 from apache_beam.transforms.window import GlobalWindows
 
 from beam_pipelines import outputs, tfrecords
+from beam_pipelines.config import EmbedConfig
 from beam_pipelines.options import make_pipeline
-from ebr import artifacts, features, storage
+from ebr import artifacts, config, features, storage
 
 log = logging.getLogger(__name__)
 
@@ -46,27 +50,15 @@ SIGNATURE = "serving_default"
 CORPUS_GLOB = "documents-*.tfrecord.gz"
 DEAD, COUNTS, EMB = "dead", "counts", "embeddings"
 RECORD_BATCH = 1024
+# Keys of an embedding Example besides features.DOC_ID (docs/contracts.md section 4); the tower
+# signature's output is named EMBEDDING too (trainer.export).
+EMBEDDING, FILTER_TERMS = "embedding", "filter_terms"
 
 # Dead-letter reasons.
 UNPARSABLE = "unparsable_record"
 MISSING_DOC_ID = "missing_doc_id"
 INFERENCE_FAILED = "inference_failed"
 BAD_EMBEDDING = "bad_embedding"
-
-
-@dataclasses.dataclass
-class EmbedConfig:
-    model: str  # MODEL_DIR/doc_tower or MODEL_DIR/doc_tower/VERSION
-    corpus: str  # examples artifact EX or EX/VERSION (or EX/corpus, or a glob of TFRecords)
-    output: str
-    batch_size: int = 256
-    num_shards: int = 0
-
-    def __post_init__(self):
-        if self.batch_size <= 0:
-            raise ValueError(f"--batch-size must be positive, got {self.batch_size}")
-        if self.num_shards < 0:
-            raise ValueError(f"--num-shards must be >= 0, got {self.num_shards}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,7 +103,7 @@ class _Tower:
     def __call__(self, rows: list[dict]) -> np.ndarray:
         tf = self.tf
         feed = {k: tf.constant(v, dtype=tf.string) for k, v in doc_inputs(rows).items()}
-        return np.asarray(self.fn(**feed)["embedding"].numpy(), dtype=np.float32)
+        return np.asarray(self.fn(**feed)[EMBEDDING].numpy(), dtype=np.float32)
 
 
 class DocTowerHandler(ModelHandler):
@@ -165,7 +157,7 @@ def parse_record(element):
         yield TaggedOutput(DEAD, {"file": path, "doc_id": None, "reason": UNPARSABLE,
                                   "detail": f"not a tf.train.Example: {e}"})
         return
-    doc_id = (values.get("doc_id") or [""])[0]
+    doc_id = (values.get(features.DOC_ID) or [""])[0]
     if not doc_id:
         yield TaggedOutput(DEAD, {"file": path, "doc_id": None, "reason": MISSING_DOC_ID,
                                   "detail": "corpus record has no doc_id"})
@@ -197,22 +189,22 @@ class OutputDoFn(beam.DoFn):
         doc, emb = dict(result.example), result.inference
         path = doc.pop("_file", None)
         if isinstance(emb, str):
-            yield TaggedOutput(DEAD, {"file": path, "doc_id": doc["doc_id"],
+            yield TaggedOutput(DEAD, {"file": path, "doc_id": doc[features.DOC_ID],
                                       "reason": INFERENCE_FAILED, "detail": emb})
             return
         emb = np.asarray(emb, dtype=np.float32)
         if emb.shape != (self.dimension,) or not np.all(np.isfinite(emb)):
             finite = bool(np.all(np.isfinite(emb)))
-            yield TaggedOutput(DEAD, {"file": path, "doc_id": doc["doc_id"],
+            yield TaggedOutput(DEAD, {"file": path, "doc_id": doc[features.DOC_ID],
                                       "reason": BAD_EMBEDDING,
                                       "detail": f"shape {emb.shape}, finite={finite} "
                                                 f"(expected [{self.dimension}] finite)"})
             return
         ex = example_pb2.Example(features=feature_pb2.Features(feature={
-            "doc_id": feature_pb2.Feature(bytes_list=feature_pb2.BytesList(
-                value=[doc["doc_id"].encode("utf-8")])),
-            "embedding": feature_pb2.Feature(float_list=feature_pb2.FloatList(value=emb.tolist())),
-            "filter_terms": feature_pb2.Feature(bytes_list=feature_pb2.BytesList(
+            features.DOC_ID: feature_pb2.Feature(bytes_list=feature_pb2.BytesList(
+                value=[doc[features.DOC_ID].encode("utf-8")])),
+            EMBEDDING: feature_pb2.Feature(float_list=feature_pb2.FloatList(value=emb.tolist())),
+            FILTER_TERMS: feature_pb2.Feature(bytes_list=feature_pb2.BytesList(
                 value=[t.encode("utf-8") for t in features.document_filter_terms(doc)])),
         }))
         self._counts["written"] += 1
@@ -260,28 +252,74 @@ def resolve_corpus(corpus: str) -> tuple[str, str | None]:
     return pattern, examples
 
 
+class EmbedDocuments(beam.PTransform):
+    """Corpus records `(file, serialised Example)` -> {EMB: serialised embedding Examples
+    (batched), DEAD: dead letters, COUNTS: (key, n) summed over the run}: parse, `RunInference`
+    with the doc tower, check each embedding. Touches no file but the model."""
+
+    def __init__(self, model_path: str, dimension: int, batch_size: int):
+        super().__init__()
+        self.model_path = model_path
+        self.dimension = dimension
+        self.batch_size = batch_size
+
+    def expand(self, records):
+        parsed = records | "Parse" >> beam.FlatMap(parse_record).with_outputs(DEAD, main="docs")
+        inferred = parsed.docs | "Embed" >> RunInference(
+            DocTowerHandler(self.model_path, self.dimension, self.batch_size))
+        out = inferred | "Output" >> beam.ParDo(OutputDoFn(self.dimension)).with_outputs(
+            DEAD, COUNTS, main=EMB)
+        dead = (parsed[DEAD], out[DEAD]) | "AllDead" >> beam.Flatten()
+        counts = (
+            (out[COUNTS],
+             dead | "DeadCount" >> beam.Map(lambda d: (f"dead:{d['reason']}", 1)),
+             parsed.docs | "InCount" >> beam.Map(lambda _: ("parsed", 1)))
+            | "AllCounts" >> beam.Flatten() | "Sum" >> beam.CombinePerKey(sum))
+        return {EMB: out[EMB], DEAD: dead, COUNTS: counts}
+
+
+class ReadCorpus(beam.PTransform):
+    """The edge in: corpus TFRecords matching `pattern` -> `(file, serialised record)`."""
+
+    def __init__(self, pattern: str):
+        super().__init__()
+        self.pattern = pattern
+
+    def expand(self, pbegin):
+        return (pbegin | "Pattern" >> beam.Create([self.pattern])
+                | "ReadCorpus" >> beam.io.ReadAllFromTFRecord(with_filename=True))
+
+
+class WriteEmbeddingsVersion(beam.PTransform):
+    """The edge out: `EmbedDocuments`' outputs -> `embeddings-*.tfrecord.gz`,
+    `dead_letter/dead-*.jsonl` and the run's counts (`outputs.COUNTS_DIR`, read and removed by
+    the driver) in the version directory `out_dir`."""
+
+    def __init__(self, out_dir: str, num_shards: int):
+        super().__init__()
+        self.out_dir = out_dir
+        self.num_shards = num_shards
+
+    def expand(self, outs):
+        out_dir = self.out_dir
+        _ = outs[EMB] | "Write" >> tfrecords.WriteTFRecordBatches(
+            f"{out_dir}/embeddings", self.num_shards)
+        _ = (outs[DEAD] | "DeadJson" >> beam.Map(json.dumps)
+             | "WriteDead" >> beam.io.WriteToText(f"{out_dir}/dead_letter/dead",
+                                                  file_name_suffix=".jsonl"))
+        _ = (outs[COUNTS] | "CountJson" >> beam.Map(json.dumps)
+             | "WriteCounts" >> beam.io.WriteToText(f"{out_dir}/{outputs.COUNTS_DIR}/counts",
+                                                    file_name_suffix=".jsonl"))
+        return pvalue.PDone(outs[EMB].pipeline)
+
+
 def build(p, cfg: EmbedConfig, pattern: str, model_path: str, dimension: int,
           out_dir: str) -> None:
-    parsed = (p | "Pattern" >> beam.Create([pattern])
-              | "ReadCorpus" >> beam.io.ReadAllFromTFRecord(with_filename=True)
-              | "Parse" >> beam.FlatMap(parse_record).with_outputs(DEAD, main="docs"))
-    inferred = parsed.docs | "Embed" >> RunInference(
-        DocTowerHandler(model_path, dimension, cfg.batch_size))
-    out = inferred | "Output" >> beam.ParDo(OutputDoFn(dimension)).with_outputs(
-        DEAD, COUNTS, main=EMB)
-    _ = out[EMB] | "Write" >> tfrecords.WriteTFRecordBatches(
-        f"{out_dir}/embeddings", cfg.num_shards)
-    dead = (parsed[DEAD], out[DEAD]) | "AllDead" >> beam.Flatten()
-    _ = (dead | "DeadJson" >> beam.Map(json.dumps)
-         | "WriteDead" >> beam.io.WriteToText(f"{out_dir}/dead_letter/dead", file_name_suffix=".jsonl"))
-    counts = (
-        (out[COUNTS],
-         dead | "DeadCount" >> beam.Map(lambda d: (f"dead:{d['reason']}", 1)),
-         parsed.docs | "InCount" >> beam.Map(lambda _: ("parsed", 1)))
-        | "AllCounts" >> beam.Flatten() | "Sum" >> beam.CombinePerKey(sum)
-        | "CountJson" >> beam.Map(json.dumps)
-        | "WriteCounts" >> beam.io.WriteToText(f"{out_dir}/{outputs.COUNTS_DIR}/counts", file_name_suffix=".jsonl"))
-    del counts
+    """Adds the whole pipeline to `p`: read the corpus, embed, write below `out_dir` (the
+    version directory)."""
+    _ = (p | "ReadCorpus" >> ReadCorpus(pattern)
+         | "EmbedDocuments" >> EmbedDocuments(model_path, dimension, cfg.batch_size)
+         | "WriteEmbeddingsVersion" >> WriteEmbeddingsVersion(out_dir, cfg.num_shards))
 
 
 def run(cfg: EmbedConfig, beam_args: list[str] | None = None) -> dict:
@@ -315,6 +353,7 @@ def run(cfg: EmbedConfig, beam_args: list[str] | None = None) -> dict:
             "records_dead": sum(dead.values()), "dead_by_reason": dead,
             "seconds": round(time.time() - started, 3),
         }
+        config.save(cfg, out.dir)
         out.commit({artifacts.EMBEDDINGS_SUMMARY: summary},
                    info={k: summary[k] for k in ("dimension", "count", "schema_hash",
                                                  "model_version")})

@@ -4,29 +4,34 @@ Place in the data flow: `ebr data social|movielens` (raw logs, docs/data-format.
 pipeline (docs/contracts.md section 2) -> `ebr train` / `ebr embed` / `ebr mine-negatives`.
 Each run commits a new version of the examples artifact (`beam_pipelines.outputs`):
 `OUT/VERSION/{train,eval,impressions/{train,eval},corpus,doc_frequencies-*.tsv,dead_letter,
-split.json,schema.json,stats.json,_COMMITTED}`; readers take OUT or OUT/VERSION through
-`artifacts.resolve(path, "examples")`. Shards are written by Beam's sinks straight into the
-version directory (any URI: local, gs://), the json files by the driver, the marker last.
+split.json,schema.json,stats.json,config.json,_COMMITTED}`; readers take OUT or OUT/VERSION
+through `artifacts.resolve(path, "examples")`. Shards are written by Beam's sinks straight into
+the version directory (any URI: local, gs://), the json files by the driver, the marker last.
 
-Stages (each GroupByKey is one shuffle; everything between them fuses):
- 1. Read the three files in numbered chunks (file + line survive), spread the chunks, parse
-    and validate every line (`rawlog`); bad lines become dead letters. Valid records leave
-    keyed for the groups below.
- 2. By doc_id: documents (the first copy by line wins, later copies are dead letters) meet
-    the lines of the sessions referencing them; a reference to no document marks that
-    session line. The corpus Example of each document is written here.
- 3. By session_id, ids only: every valid copy of a session after the first (by line) is
-    marked as a duplicate.
- 4. By searcher_id: the searcher (first copy wins) meets its sessions, with the marks of
-    stages 2-3 as a side input (by searcher). Marked sessions and sessions of an unknown
-    searcher are dead letters; the rest get their split and, in time order, the history
-    feature: the searcher's last N *training-split* clicks strictly before the session's
-    timestamp, so no example (training or evaluation) sees an evaluation click or a click
-    from its own second or later. Each session yields one event per clicked document and per
-    non-clicked impression, keyed by doc_id.
- 5. By doc_id: events meet their document; the document's share of training clicks is its
-    sampling probability (logQ, Yi et al. 2019) and every event becomes one Example of query,
-    document and example features, concatenated from parts serialised once (`example_bytes`).
+The pipeline is `ReadRawLogs | RawLogsToExamples | WriteExamplesVersion` (`build`): reads and
+writes at the edges, and between them one named transform per stage, each taking and returning
+PCollections so it runs alone on `beam.Create` input. Stages (each GroupByKey is one shuffle;
+everything between them fuses):
+ 1. `ParseRawLogs`: the three files, read in numbered chunks (file + line survive) and spread
+    by `ReadRawLogs`, are parsed and validated line by line (`rawlog`); bad lines become dead
+    letters. Valid records leave keyed for the groups below.
+ 2. `JoinDocuments`, by doc_id: documents (the first copy by line wins, later copies are dead
+    letters) meet the lines of the sessions referencing them; a reference to no document
+    marks that session line. The corpus Example of each document is made here.
+ 3. `MarkDuplicateSessions`, by session_id, ids only: every valid copy of a session after the
+    first (by line) is marked as a duplicate.
+ 4. `BuildHistory`, by searcher_id: the searcher (first copy wins) meets its sessions, with the
+    marks of stages 2-3 as a side input (by searcher). Marked sessions and sessions of an
+    unknown searcher are dead letters; the rest get their split and, in time order, the
+    history feature: the searcher's last N *training-split* clicks strictly before the
+    session's timestamp, so no example (training or evaluation) sees an evaluation click or a
+    click from its own second or later. Each session yields one event per clicked document
+    and per non-clicked impression, keyed by doc_id.
+ 5. `JoinEvents`, by doc_id: events meet their document; the document's share of training
+    clicks is its sampling probability (logQ, Yi et al. 2019) and every event becomes one
+    Example of query, document and example features, concatenated from parts serialised once
+    (`example_bytes`).
+`RawLogsToExamples` chains the five and gathers every stage's dead letters and counts.
 
 Records travel between stages in per-worker batches where order does not matter (session
 references, events, output records), which keeps the element count through the runner far
@@ -40,20 +45,21 @@ does not hold).
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import logging
 import time
 import typing
 
 import apache_beam as beam
+from apache_beam import pvalue
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.runners.runner import PipelineState
 from apache_beam.transforms.window import GlobalWindows
 
 from beam_pipelines import example_bytes, outputs, rawlog, split, tfrecords
+from beam_pipelines.config import ExamplesConfig
 from beam_pipelines.options import make_pipeline, normalize_args
-from ebr import artifacts, features
+from ebr import artifacts, config, features
 
 log = logging.getLogger(__name__)
 
@@ -62,29 +68,11 @@ TRAIN, EVAL, IMP_TRAIN, IMP_EVAL = "train", "eval", "impressions/train", "impres
 EXAMPLE_OUTPUTS = (TRAIN, EVAL, IMP_TRAIN, IMP_EVAL)
 CORPUS, FREQ, DEAD, COUNTS, MISSING = "corpus", "freq", "dead", "counts", "missing"
 BY_DOC, BY_SEARCHER, SESSION_IDS = "by_doc", "by_searcher", "session_ids"
+DOCS, EVENTS, MARKS = "docs", "events", "marks"
 # Events buffered per worker before being emitted grouped by document (fewer shuffle elements).
 EVENT_BUFFER = 100_000
 REF_BUFFER = 200_000
 RECORD_BATCH = 2048
-
-
-@dataclasses.dataclass
-class ExamplesConfig:
-    input: str
-    output: str
-    split: split.SplitConfig = dataclasses.field(default_factory=split.SplitConfig)
-    history: int = features.HISTORY_LENGTH  # searcher's last N training clicks
-    allow_empty_query: bool = False  # recommendation logs (MovieLens) have no query
-    num_shards: int = 0  # per output; 0 lets the runner decide
-    chunk_lines: int = rawlog.CHUNK_LINES
-
-    def __post_init__(self):
-        cap = features.BY_NAME["history_doc_ids"].max_values
-        if not 0 <= self.history <= cap:
-            raise ValueError(f"--history must be in [0, {cap}] (history_doc_ids max_values in "
-                             f"ebr/features.py), got {self.history}")
-        if self.num_shards < 0:
-            raise ValueError(f"--num-shards must be >= 0, got {self.num_shards}")
 
 
 class _CountingDoFn(beam.DoFn):
@@ -275,7 +263,7 @@ class SearchersDoFn(_CountingDoFn):
         if not kept:
             return
         static = features.query_values("", searcher, [])
-        del static["query"], static["history_doc_ids"]
+        del static[features.QUERY_TEXT], static[features.HISTORY_DOC_IDS]
         static_entries = example_bytes.entries(static)
         kept.sort(key=lambda s: (s[0]["timestamp"], s[0]["session_id"]))
         clicks = collections.deque(maxlen=self.history) if self.history else None
@@ -300,8 +288,8 @@ class SearchersDoFn(_CountingDoFn):
 
     def _add_events(self, session, is_eval, history, static_entries):
         q_entries = static_entries + example_bytes.entries({
-            "query": session["query"], "history_doc_ids": history,
-            "session_id": session["session_id"], "timestamp": session["timestamp"]})
+            features.QUERY_TEXT: session["query"], features.HISTORY_DOC_IDS: history,
+            features.SESSION_ID: session["session_id"], features.TIMESTAMP: session["timestamp"]})
         click_tag, imp_tag = (EVAL, IMP_EVAL) if is_eval else (TRAIN, IMP_TRAIN)
         clicked = session["clicks"]
         for doc_id in clicked:
@@ -361,7 +349,7 @@ class JoinDoFn(_CountingDoFn):
         doc_entries = grouped["doc"][0]
         n = sum(1 for events in event_lists for tag, _ in events if tag == TRAIN)
         prob = n / total_train_clicks if total_train_clicks else 0.0
-        tail = doc_entries + example_bytes.entries({"doc_sampling_prob": prob})
+        tail = doc_entries + example_bytes.entries({features.DOC_SAMPLING_PROB: prob})
         join = example_bytes.join
         for events in event_lists:
             for tag, q_entries in events:
@@ -375,60 +363,173 @@ def _dead_count(d):
     return ("dead", d["file"], d["reason"]), 1
 
 
-def _write_tfrecords(pcoll, label: str, prefix: str, num_shards: int):
-    return pcoll | label >> tfrecords.WriteTFRecordBatches(prefix, num_shards)
+def _outputs(result, tags, main: str | None = None) -> dict:
+    """A multi-output ParDo's result as the {tag: PCollection} dict a stage returns."""
+    out = {tag: result[tag] for tag in tags}
+    if main:
+        out[main] = result[main]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The stages, as named transforms: each takes and returns PCollections (or dicts of them) and
+# touches no file, so each runs alone on `beam.Create` input. Counts leave every stage as
+# (key, n) pairs on its COUNTS output; dead letters as dicts on DEAD.
+
+class ParseRawLogs(beam.PTransform):
+    """Stage 1: chunks `(kind, path, [(line, raw bytes)])` -> {BY_DOC, BY_SEARCHER, SESSION_IDS,
+    DEAD, COUNTS}: the valid records keyed for stages 2-4, dead letters, per-file counts."""
+
+    def __init__(self, allow_empty_query: bool):
+        super().__init__()
+        self.allow_empty_query = allow_empty_query
+
+    def expand(self, chunks):
+        tags = (BY_DOC, BY_SEARCHER, SESSION_IDS, DEAD, COUNTS)
+        return _outputs(chunks | "Parse" >> beam.ParDo(ParseDoFn(self.allow_empty_query))
+                        .with_outputs(*tags), tags)
+
+
+class JoinDocuments(beam.PTransform):
+    """Stage 2: BY_DOC records -> {DOCS: (doc_id, document entries), CORPUS: serialised corpus
+    Examples (batched), MISSING: marks of sessions referencing no document, DEAD, COUNTS}."""
+
+    def __init__(self, documents_path: str):
+        super().__init__()
+        self.documents_path = documents_path
+
+    def expand(self, by_doc):
+        tags = (DEAD, COUNTS, CORPUS, MISSING)
+        return _outputs(by_doc | "ByDocument" >> beam.GroupByKey()
+                        | "Documents" >> beam.ParDo(DocumentsDoFn(self.documents_path))
+                        .with_outputs(*tags, main=DOCS), tags, DOCS)
+
+
+class MarkDuplicateSessions(beam.PTransform):
+    """Stage 3: (session_id, (line, searcher_id)) -> (searcher_id, mark) for every copy of a
+    session after the first."""
+
+    def expand(self, session_ids):
+        return (session_ids | "BySessionId" >> beam.GroupByKey()
+                | "Duplicates" >> beam.FlatMap(duplicate_marks))
+
+
+class BuildHistory(beam.PTransform):
+    """Stage 4: {BY_SEARCHER: searcher and session records, MARKS: (searcher_id, mark)} ->
+    {EVENTS: (doc_id, [(output tag, query-side entries)]), DEAD, COUNTS}."""
+
+    def __init__(self, searchers_path: str, sessions_path: str, history: int,
+                 split_cfg: split.SplitConfig):
+        super().__init__()
+        self.dofn = SearchersDoFn(searchers_path, sessions_path, history, split_cfg)
+
+    def expand(self, inputs):
+        tags = (DEAD, COUNTS)
+        return _outputs(inputs[BY_SEARCHER] | "BySearcher" >> beam.GroupByKey()
+                        | "History" >> beam.ParDo(self.dofn,
+                                                  beam.pvalue.AsMultiMap(inputs[MARKS]))
+                        .with_outputs(*tags, main=EVENTS), tags, EVENTS)
+
+
+class JoinEvents(beam.PTransform):
+    """Stage 5: {DOCS, EVENTS} -> {TRAIN, EVAL, IMP_TRAIN, IMP_EVAL: serialised Examples
+    (batched), FREQ: doc_frequencies lines, COUNTS}; the sampling probability is each
+    document's share of all training clicks."""
+
+    def expand(self, inputs):
+        total = (inputs[EVENTS] | "TrainClicks" >> beam.Map(_train_clicks)
+                 | "TotalTrainClicks" >> beam.CombineGlobally(sum))
+        tags = (COUNTS, FREQ, *EXAMPLE_OUTPUTS)
+        return _outputs(cogroup({"doc": inputs[DOCS], "events": inputs[EVENTS]}, "ByEventDocument")
+                        | "Join" >> beam.ParDo(JoinDoFn(), beam.pvalue.AsSingleton(total))
+                        .with_outputs(*tags), tags)
+
+
+class RawLogsToExamples(beam.PTransform):
+    """Stages 1-5: raw-log chunks (`ReadRawLogs`) -> {TRAIN, EVAL, IMP_TRAIN, IMP_EVAL, CORPUS:
+    serialised Examples (batched), FREQ: doc_frequencies lines, DEAD: every dead letter,
+    COUNTS: (key, n) summed over the run}. `inputs` is {kind: path} of the files read, which
+    the dead letters and counts name."""
+
+    def __init__(self, cfg: ExamplesConfig, inputs: dict[str, str]):
+        super().__init__()
+        self.cfg = cfg
+        self.inputs = inputs
+
+    def expand(self, chunks):
+        cfg, inputs = self.cfg, self.inputs
+        parsed = chunks | "ParseRawLogs" >> ParseRawLogs(cfg.allow_empty_query)
+        docs = parsed[BY_DOC] | "JoinDocuments" >> JoinDocuments(inputs[rawlog.DOCUMENTS])
+        duplicates = parsed[SESSION_IDS] | "MarkDuplicateSessions" >> MarkDuplicateSessions()
+        marks = (docs[MISSING], duplicates) | "Marks" >> beam.Flatten()
+        events = ({BY_SEARCHER: parsed[BY_SEARCHER], MARKS: marks}
+                  | "BuildHistory" >> BuildHistory(inputs[rawlog.SEARCHERS],
+                                                   inputs[rawlog.SESSIONS], cfg.history,
+                                                   cfg.split))
+        joined = {DOCS: docs[DOCS], EVENTS: events[EVENTS]} | "JoinEvents" >> JoinEvents()
+
+        dead = (parsed[DEAD], docs[DEAD], events[DEAD]) | "AllDead" >> beam.Flatten()
+        counts = ((parsed[COUNTS], docs[COUNTS], events[COUNTS], joined[COUNTS],
+                   dead | "DeadCounts" >> beam.Map(_dead_count))
+                  | "AllCounts" >> beam.Flatten() | "SumCounts" >> beam.CombinePerKey(sum))
+        return {**{tag: joined[tag] for tag in EXAMPLE_OUTPUTS}, CORPUS: docs[CORPUS],
+                FREQ: joined[FREQ], DEAD: dead, COUNTS: counts}
+
+
+# ---------------------------------------------------------------------------------------------
+# The edges: reading the raw logs, writing the version directory.
+
+class ReadRawLogs(beam.PTransform):
+    """The three raw-log files `{kind: path}` -> chunks `(kind, path, [(line, raw bytes)])`,
+    spread over the workers (line numbers travel with the lines)."""
+
+    def __init__(self, inputs: dict[str, str], chunk_lines: int):
+        super().__init__()
+        self.files = [(kind, inputs[kind]) for kind in rawlog.KINDS]
+        self.chunk_lines = chunk_lines
+
+    def expand(self, pbegin):
+        return (pbegin | "ListFiles" >> beam.Create(self.files)
+                | "Read" >> beam.FlatMap(_read_file, self.chunk_lines)
+                | "Spread" >> beam.Reshuffle())
+
+
+class WriteExamplesVersion(beam.PTransform):
+    """`RawLogsToExamples`' outputs -> the shards of the version directory `out_dir`:
+    `{train,eval,impressions/{train,eval}}/examples-*`, `corpus/documents-*`,
+    `doc_frequencies-*.tsv`, `dead_letter/dead-*.jsonl`, and the run's counts (`outputs.COUNTS_DIR`,
+    read and removed by the driver before the commit)."""
+
+    def __init__(self, out_dir: str, num_shards: int):
+        super().__init__()
+        self.out_dir = out_dir
+        self.num_shards = num_shards
+
+    def expand(self, outs):
+        out_dir, num_shards = self.out_dir, self.num_shards
+        for tag in EXAMPLE_OUTPUTS:
+            _ = outs[tag] | f"Write[{tag}]" >> tfrecords.WriteTFRecordBatches(
+                f"{out_dir}/{tag}/examples", num_shards)
+        _ = outs[CORPUS] | "Write[corpus]" >> tfrecords.WriteTFRecordBatches(
+            f"{out_dir}/corpus/documents", num_shards)
+        _ = outs[FREQ] | "WriteFrequencies" >> beam.io.WriteToText(
+            f"{out_dir}/doc_frequencies", file_name_suffix=".tsv", num_shards=num_shards)
+        _ = (outs[DEAD] | "DeadJson" >> beam.Map(lambda d: json.dumps(d, ensure_ascii=False))
+             | "WriteDead" >> beam.io.WriteToText(f"{out_dir}/dead_letter/dead",
+                                                  file_name_suffix=".jsonl",
+                                                  num_shards=num_shards))
+        _ = (outs[COUNTS] | "CountJson" >> beam.Map(lambda kv: json.dumps([list(kv[0]), kv[1]]))
+             | "WriteCounts" >> beam.io.WriteToText(f"{out_dir}/{outputs.COUNTS_DIR}/counts",
+                                                    file_name_suffix=".jsonl"))
+        return pvalue.PDone(outs[COUNTS].pipeline)
 
 
 def build(p, cfg: ExamplesConfig, inputs: dict[str, str], out_dir: str) -> None:
-    """Adds the whole pipeline to `p`, writing below `out_dir` (the version directory)."""
-    files = [(kind, inputs[kind]) for kind in rawlog.KINDS]
-    parsed = (p | "ListFiles" >> beam.Create(files)
-              | "Read" >> beam.FlatMap(_read_file, cfg.chunk_lines)
-              | "Spread" >> beam.Reshuffle()
-              | "Parse" >> beam.ParDo(ParseDoFn(cfg.allow_empty_query))
-              .with_outputs(BY_DOC, BY_SEARCHER, SESSION_IDS, DEAD, COUNTS))
-    dead_parts, count_parts = [parsed[DEAD]], [parsed[COUNTS]]
-
-    docs = (parsed[BY_DOC] | "ByDocument" >> beam.GroupByKey()
-            | "Documents" >> beam.ParDo(DocumentsDoFn(inputs[rawlog.DOCUMENTS]))
-            .with_outputs(DEAD, COUNTS, CORPUS, MISSING, main="main"))
-    dead_parts.append(docs[DEAD])
-    count_parts.append(docs[COUNTS])
-
-    duplicates = (parsed[SESSION_IDS] | "BySessionId" >> beam.GroupByKey()
-                  | "Duplicates" >> beam.FlatMap(duplicate_marks))
-    marks = (docs[MISSING], duplicates) | "Marks" >> beam.Flatten()
-
-    events = (parsed[BY_SEARCHER] | "BySearcher" >> beam.GroupByKey()
-              | "History" >> beam.ParDo(
-                  SearchersDoFn(inputs[rawlog.SEARCHERS], inputs[rawlog.SESSIONS], cfg.history,
-                                cfg.split), beam.pvalue.AsMultiMap(marks))
-              .with_outputs(DEAD, COUNTS, main="main"))
-    dead_parts.append(events[DEAD])
-    count_parts.append(events[COUNTS])
-
-    total = (events.main | "TrainClicks" >> beam.Map(_train_clicks)
-             | "TotalTrainClicks" >> beam.CombineGlobally(sum))
-    joined = (cogroup({"doc": docs.main, "events": events.main}, "ByEventDocument")
-              | "Join" >> beam.ParDo(JoinDoFn(), beam.pvalue.AsSingleton(total))
-              .with_outputs(COUNTS, FREQ, *EXAMPLE_OUTPUTS))
-    count_parts.append(joined[COUNTS])
-
-    for tag in EXAMPLE_OUTPUTS:
-        _write_tfrecords(joined[tag], f"Write[{tag}]", f"{out_dir}/{tag}/examples", cfg.num_shards)
-    _write_tfrecords(docs[CORPUS], "Write[corpus]", f"{out_dir}/corpus/documents", cfg.num_shards)
-    _ = (joined[FREQ] | "WriteFrequencies" >> beam.io.WriteToText(
-        f"{out_dir}/doc_frequencies", file_name_suffix=".tsv", num_shards=cfg.num_shards))
-
-    dead = dead_parts | "AllDead" >> beam.Flatten()
-    _ = (dead | "DeadJson" >> beam.Map(lambda d: json.dumps(d, ensure_ascii=False))
-         | "WriteDead" >> beam.io.WriteToText(f"{out_dir}/dead_letter/dead", file_name_suffix=".jsonl",
-                                              num_shards=cfg.num_shards))
-    count_parts.append(dead | "DeadCounts" >> beam.Map(_dead_count))
-    _ = (count_parts | "AllCounts" >> beam.Flatten()
-         | "SumCounts" >> beam.CombinePerKey(sum)
-         | "CountJson" >> beam.Map(lambda kv: json.dumps([list(kv[0]), kv[1]]))
-         | "WriteCounts" >> beam.io.WriteToText(f"{out_dir}/{outputs.COUNTS_DIR}/counts", file_name_suffix=".jsonl"))
+    """Adds the whole pipeline to `p`: read, stages 1-5, write below `out_dir` (the version
+    directory)."""
+    _ = (p | "ReadRawLogs" >> ReadRawLogs(inputs, cfg.chunk_lines)
+         | "RawLogsToExamples" >> RawLogsToExamples(cfg, inputs)
+         | "WriteExamplesVersion" >> WriteExamplesVersion(out_dir, cfg.num_shards))
 
 
 def assemble_stats(counts: list, inputs: dict[str, str]) -> dict:
@@ -476,7 +577,7 @@ def run(cfg: ExamplesConfig, beam_args: list[str] | None = None) -> dict:
         if unbalanced:
             raise RuntimeError(f"records lost: records_in != records_out + records_dead for "
                                f"{json.dumps(unbalanced)}")
-        argv, local = normalize_args(beam_args)
+        argv, _ = normalize_args(beam_args)
         stats.update({
             "input": cfg.input, "output": out.dir,
             "config": {"history": cfg.history, "allow_empty_query": cfg.allow_empty_query,
@@ -487,6 +588,7 @@ def run(cfg: ExamplesConfig, beam_args: list[str] | None = None) -> dict:
         })
         stats["timings"] = {"pipeline_s": round(pipeline_s, 3),
                             "total_s": round(time.time() - started, 3)}
+        config.save(cfg, out.dir)
         out.commit({"split.json": split.to_json(cfg.split),
                     "schema.json": {"schema": features.schema_dict(),
                                     "schema_hash": features.schema_hash()},

@@ -3,22 +3,25 @@
 Place in the data flow: the examples artifact of `ebr pipeline examples` (docs/contracts.md 2) +
 the current model's `query_tower` (3) + an index of its document embeddings (5) -> an
 examples artifact of the same layout whose selected training examples carry
-`negative_doc_ids`. Iterable: mine with
-model N, train model N+1 on the output, mine again with N+1.
+`negative_doc_ids`. Iterable: mine with model N, train model N+1 on the output, mine again
+with N+1.
 
-Steps (a Beam pipeline through `beam_pipelines.options.make_pipeline`: local FnApiRunner by
-default, Dataflow/Flink/Spark by options):
-1. read and parse `train/examples-*` (unparsable records are dead-lettered with file and reason);
-2. group by searcher: every document the searcher clicked in training, plus the example's own
+The pipeline is `ReadTrain | MineHardNegatives | WriteMinedTrain` (`build`; a Beam pipeline
+through `beam_pipelines.options.make_pipeline`: local FnApiRunner by default,
+Dataflow/Flink/Spark by options). Steps:
+1. read `train/examples-*`; `MineHardNegatives` parses them (unparsable records are
+   dead-lettered with file and reason);
+2. groups by searcher: every document the searcher clicked in training, plus the example's own
    history, is excluded from its negatives ("drop the query's positives and known clicks");
-3. select examples by the easy:hard ratio (`beam_pipelines.mining`: the share of examples that
+3. selects examples by the easy:hard ratio (`beam_pipelines.mining`: the share of examples that
    carry hard negatives, by a seeded hash of session id and doc id); the others pass through;
-4. embed selected examples' query features with the query tower, search the index for the top
-   `window_end`, sample `per_query` documents from ranks `window_start..window_end`;
-5. write `train/examples-*` (all examples, the selected ones with `negative_doc_ids` appended to
-   any already there) straight into a new version `OUT/VERSION` (Beam's sinks), copy the other
-   parts of the examples version into it (`ebr.storage`), write `mining.json` with the
-   configuration and counts, then commit (`beam_pipelines.outputs`: marker last, the newest 2
+4. embeds selected examples' query features with the query tower, searches the index for the top
+   `window_end`, samples `per_query` documents from ranks `window_start..window_end`;
+5. `WriteMinedTrain` writes `train/examples-*` (all examples, the selected ones with
+   `negative_doc_ids` appended to any already there) straight into a new version `OUT/VERSION`
+   (Beam's sinks); the driver copies the other parts of the examples version into it
+   (`ebr.storage`), writes `mining.json` with the configuration and counts and `config.json`
+   (`ebr.config.save`), then commits (`beam_pipelines.outputs`: marker last, the newest 2
    versions kept). Every path (examples, model, index, output) takes any URI; inputs are
    resolved to committed versions with `ebr.artifacts`.
 """
@@ -31,11 +34,13 @@ import time
 
 import apache_beam as beam
 import numpy as np
+from apache_beam import pvalue
 
-from beam_pipelines import outputs
+from beam_pipelines import mining, outputs
+from beam_pipelines.embed import EMBEDDING, SIGNATURE
+from beam_pipelines.mining import MineConfig
 from beam_pipelines.options import make_pipeline
-from ebr import artifacts, features, storage
-from beam_pipelines import mining
+from ebr import artifacts, config, features, storage
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +49,7 @@ TRAIN_GLOB = "train/examples-*.tfrecord.gz"
 CARRIED = ("eval", "impressions", "corpus", "split.json", "schema.json", "stats.json")
 CARRIED_GLOBS = ("doc_frequencies-*",)
 SUMMARY = "mining.json"
-
-
-@dataclasses.dataclass
-class MineConfig:
-    examples: str = ""  # examples artifact EX or EX/VERSION (any URI)
-    model: str = ""  # MODEL_DIR/query_tower or MODEL_DIR/query_tower/VERSION (any URI)
-    index: str = ""  # INDEX_BASE or INDEX_BASE/VERSION
-    output: str = ""  # examples artifact base: each run commits a new version
-    mining: mining.MiningConfig = dataclasses.field(default_factory=mining.MiningConfig)
-    batch_size: int = 256
-    search_params: dict | None = None  # backend search params, e.g. {"nprobe": 64}
-    allow_model_mismatch: bool = False  # mine model N+1's queries against model N's index
-    num_shards: int = 0  # 0 = let the runner decide
+TRAIN, DEAD = "train", "dead"
 
 
 def resolve_model(path: str) -> tuple[str, dict]:
@@ -114,7 +107,7 @@ def _first(values, default=""):
 
 
 def example_key(ex: dict) -> str:
-    return f"{_first(ex.get('session_id'))}/{_first(ex.get('doc_id'))}"
+    return f"{_first(ex.get(features.SESSION_ID))}/{_first(ex.get(features.DOC_ID))}"
 
 
 def query_row(ex: dict) -> dict:
@@ -128,10 +121,10 @@ def query_row(ex: dict) -> dict:
 
 def with_negatives(ex: dict, negatives: list[str]) -> bytes:
     """The example re-serialised with `negatives` appended to its `negative_doc_ids`."""
-    merged = list(dict.fromkeys(list(ex.get("negative_doc_ids", [])) + list(negatives)))
-    limit = features.BY_NAME["negative_doc_ids"].max_values
+    merged = list(dict.fromkeys(list(ex.get(features.NEGATIVE_DOC_IDS, [])) + list(negatives)))
+    limit = features.BY_NAME[features.NEGATIVE_DOC_IDS].max_values
     values = {k: v for k, v in ex.items() if k in features.BY_NAME}
-    values["negative_doc_ids"] = merged[:limit]  # earlier (e.g. impression) negatives first
+    values[features.NEGATIVE_DOC_IDS] = merged[:limit]  # earlier (e.g. impression) negatives first
     return features.make_example(values)
 
 
@@ -139,9 +132,9 @@ def _exclusions(kv):
     """(searcher, [example dicts]) -> (example, excluded doc ids) for each example."""
     _, examples = kv
     examples = list(examples)
-    clicked = {d for ex in examples for d in ex.get("doc_id", [])}
+    clicked = {d for ex in examples for d in ex.get(features.DOC_ID, [])}
     for ex in examples:
-        yield ex, clicked | set(ex.get("history_doc_ids", []))
+        yield ex, clicked | set(ex.get(features.HISTORY_DOC_IDS, []))
 
 
 class MineDoFn(beam.DoFn):
@@ -161,14 +154,14 @@ class MineDoFn(beam.DoFn):
 
         self._tf = tf
         self._loaded = tf.saved_model.load(self.model_dir)  # keeps the variables alive
-        self.signature = self._loaded.signatures["serving_default"]
+        self.signature = self._loaded.signatures[SIGNATURE]
         self.searcher = open_index(self.cfg.index)
 
     def embed(self, rows: list[dict]) -> np.ndarray:
         tf = self._tf
         inputs = features.tower_inputs(rows, features.QUERY_INPUTS)
         out = self.signature(**{n: tf.constant(v, dtype=tf.string) for n, v in inputs.items()})
-        return np.asarray(out["embedding"].numpy(), dtype=np.float32)
+        return np.asarray(out[EMBEDDING].numpy(), dtype=np.float32)
 
     def process(self, batch):
         batch = list(batch)
@@ -209,43 +202,82 @@ def carry_parts(examples: str, dest: str, skip: tuple[str, ...] = ()) -> list[st
     return copied
 
 
-def run(cfg: MineConfig, beam_args: list[str] | None = None) -> dict:
-    """Runs the pipeline and commits a new version of OUT; returns the `mining.json` summary."""
-    for field in ("examples", "model", "index", "output"):
-        if not getattr(cfg, field):
-            raise ValueError(f"mine-negatives: --{field} is required")
-    if cfg.batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {cfg.batch_size}")
-    examples, train_glob = resolve_examples(cfg.examples)
-    summary = check_compatible(cfg.model, cfg.index, cfg.allow_model_mismatch)
-    fraction = mining.hard_fraction(cfg.mining.ratio)
+def _by_searcher(ex: dict):
+    return _first(ex.get(features.SEARCHER_ID)), ex
 
-    started = time.time()
-    with outputs.NewVersion(cfg.output, "examples") as out:
-        mcfg = cfg.mining
-        p = make_pipeline(beam_args)
-        records = p | "ReadTrain" >> beam.io.ReadFromTFRecord(train_glob)
-        parsed, dead = (records | "Parse" >> beam.Map(_parse, train_glob)
-                        .with_exception_handling(use_subprocess=False))
-        _ = (dead | "DeadJson" >> beam.Map(_dead_letter, train_glob)
-             | "WriteDead" >> beam.io.WriteToText(out.path("dead_letter", "dead"),
-                                                  file_name_suffix=".jsonl"))
+
+class MineHardNegatives(beam.PTransform):
+    """Serialised training examples -> {TRAIN: every example re-serialised, the ones the ratio
+    selects with mined `negative_doc_ids`; DEAD: dead letters of unparsable records}: steps
+    1-4 of the module docstring after the read. Touches no file but the query tower and the
+    index; `path_hint` names the input in dead letters."""
+
+    def __init__(self, cfg: MineConfig, model_dir: str, path_hint: str):
+        super().__init__()
+        self.cfg = cfg
+        self.model_dir = model_dir  # the committed version the driver checked
+        self.path_hint = path_hint
+
+    def expand(self, records):
+        mcfg = self.cfg.mining
+        parsed, bad = (records | "Parse" >> beam.Map(_parse, self.path_hint)
+                       .with_exception_handling(use_subprocess=False))
         with_exc = (parsed
-                    | "BySearcher" >> beam.Map(lambda ex: (_first(ex.get("searcher_id")), ex))
+                    | "BySearcher" >> beam.Map(_by_searcher)
                     | "Group" >> beam.GroupByKey()
                     | "Exclusions" >> beam.FlatMap(_exclusions))
         selected, passed = (with_exc | "Select" >> beam.Partition(
             lambda pair, n: 0 if mining.carries_hard_negatives(
                 example_key(pair[0]), mcfg.ratio, mcfg.seed) else 1, 2))
         mined = (selected
-                 | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=cfg.batch_size)
-                 | "Mine" >> beam.ParDo(MineDoFn(cfg, summary["model"])))
+                 | "Batch" >> beam.BatchElements(min_batch_size=1,
+                                                 max_batch_size=self.cfg.batch_size)
+                 | "Mine" >> beam.ParDo(MineDoFn(self.cfg, self.model_dir)))
         kept = passed | "Unchanged" >> beam.Map(_unchanged)
-        _ = ((mined, kept) | beam.Flatten()
-             | "WriteTrain" >> beam.io.WriteToTFRecord(
-                 out.path("train", "examples"), file_name_suffix=".tfrecord.gz",
-                 num_shards=cfg.num_shards,
-                 compression_type=beam.io.filesystem.CompressionTypes.GZIP))
+        return {TRAIN: (mined, kept) | "AllTrain" >> beam.Flatten(),
+                DEAD: bad | "DeadLetters" >> beam.Map(_dead_letter, self.path_hint)}
+
+
+class WriteMinedTrain(beam.PTransform):
+    """The edge out: `MineHardNegatives`' outputs -> `train/examples-*.tfrecord.gz` and
+    `dead_letter/dead-*.jsonl` in the version directory `out_dir`."""
+
+    def __init__(self, out_dir: str, num_shards: int):
+        super().__init__()
+        self.out_dir = out_dir
+        self.num_shards = num_shards
+
+    def expand(self, outs):
+        _ = (outs[DEAD] | "DeadJson" >> beam.Map(json.dumps)
+             | "WriteDead" >> beam.io.WriteToText(
+                 storage.join(self.out_dir, "dead_letter", "dead"), file_name_suffix=".jsonl"))
+        _ = outs[TRAIN] | "WriteTrain" >> beam.io.WriteToTFRecord(
+            storage.join(self.out_dir, "train", "examples"), file_name_suffix=".tfrecord.gz",
+            num_shards=self.num_shards, compression_type=beam.io.filesystem.CompressionTypes.GZIP)
+        return pvalue.PDone(outs[TRAIN].pipeline)
+
+
+def build(p, cfg: MineConfig, train_glob: str, model_dir: str, out_dir: str) -> None:
+    """Adds the whole pipeline to `p`: read the training examples, mine, write below `out_dir`
+    (the version directory)."""
+    _ = (p | "ReadTrain" >> beam.io.ReadFromTFRecord(train_glob)
+         | "MineHardNegatives" >> MineHardNegatives(cfg, model_dir, train_glob)
+         | "WriteMinedTrain" >> WriteMinedTrain(out_dir, cfg.num_shards))
+
+
+def run(cfg: MineConfig, beam_args: list[str] | None = None) -> dict:
+    """Runs the pipeline and commits a new version of OUT; returns the `mining.json` summary."""
+    for field in ("examples", "model", "index", "output"):
+        if not getattr(cfg, field):
+            raise ValueError(f"mine-negatives: --{field} is required")
+    examples, train_glob = resolve_examples(cfg.examples)
+    summary = check_compatible(cfg.model, cfg.index, cfg.allow_model_mismatch)
+    fraction = mining.hard_fraction(cfg.mining.ratio)
+
+    started = time.time()
+    with outputs.NewVersion(cfg.output, "examples") as out:
+        p = make_pipeline(beam_args)
+        build(p, cfg, train_glob, summary["model"], out.dir)
         state = p.run()
         state.wait_until_finish()
         result = _counters(state)
@@ -256,6 +288,7 @@ def run(cfg: MineConfig, beam_args: list[str] | None = None) -> dict:
             "ratio_definition": "easy:hard = share of training examples carrying mined "
                                 "negatives: H/(E+H); all examples keep easy negatives",
             "counts": result, "seconds": round(time.time() - started, 2)})
+        config.save(cfg, out.dir)
         out.commit({SUMMARY: summary},
                    info={"schema_hash": features.schema_hash(), "mined_from": examples})
     summary["output"] = out.dir
@@ -273,10 +306,10 @@ def _counters(state) -> dict:
     return out
 
 
-def _dead_letter(bad, path_hint: str) -> str:
+def _dead_letter(bad, path_hint: str) -> dict:
     beam.metrics.Metrics.counter("mine", "dead_letter").inc()
     record, (_, exc, _tb) = bad[0], bad[1]
-    return json.dumps({"file": path_hint, "reason": str(exc), "record": repr(record)[:200]})
+    return {"file": path_hint, "reason": str(exc), "record": repr(record)[:200]}
 
 
 def _unchanged(pair) -> bytes:

@@ -2,7 +2,9 @@
 
 Place in the data flow: `beam_pipelines/mine_negatives.py` embeds training queries with the
 current query tower, searches the index, and calls these functions to pick each query's hard
-negatives; the trainer then reads them from the `negative_doc_ids` feature.
+negatives; the trainer then reads them from the `negative_doc_ids` feature. `MineConfig`, the
+settings of that command (`ebr mine-negatives`), lives here too: it imports no Beam, so building
+the `ebr` command line stays fast.
 
 The paper found that the *hardest* documents (top ranks) are often unlabelled positives, and that
 documents at ranks 101-500 work best; it also found a blend of easy and hard negatives beats
@@ -26,6 +28,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from beam_pipelines.config import check_num_shards
+from ebr import features
+
 DEFAULT_WINDOW = (101, 500)
 DEFAULT_RATIO = "100:1"
 
@@ -44,9 +49,7 @@ class MiningConfig:
                              f"({self.window_start}, {self.window_end})")
         if self.per_query < 1:
             raise ValueError(f"per_query must be >= 1, got {self.per_query}")
-        from ebr.features import BY_NAME
-
-        limit = BY_NAME["negative_doc_ids"].max_values
+        limit = features.BY_NAME[features.NEGATIVE_DOC_IDS].max_values
         if self.per_query > limit:
             raise ValueError(f"per_query={self.per_query} exceeds negative_doc_ids.max_values={limit}")
         hard_fraction(self.ratio)  # validates
@@ -55,6 +58,34 @@ class MiningConfig:
     def fetch_k(self) -> int:
         """How many ANN results a query needs for the window."""
         return self.window_end
+
+
+@dataclasses.dataclass
+class MineConfig:
+    """Settings of `ebr mine-negatives` (`beam_pipelines.mine_negatives`). Flags are generated
+    from the fields (`ebr.config`); the rank window and the easy:hard mix are the `mining`
+    section: `--set mining.window_start=101 --set mining.ratio=1:1`."""
+
+    examples: str = dataclasses.field(default="", metadata={
+        "required": True, "help": "examples artifact of `ebr pipeline examples`: EX (newest "
+                                  "committed version) or EX/VERSION, any URI"})
+    model: str = dataclasses.field(default="", metadata={
+        "required": True, "help": "MODEL_DIR/query_tower[/VERSION], any URI"})
+    index: str = dataclasses.field(default="", metadata={
+        "required": True, "help": "INDEX_BASE[/VERSION] of the same model, any URI"})
+    output: str = dataclasses.field(default="", metadata={
+        "required": True, "help": "examples artifact base, any URI: each run commits a new "
+                                  "version OUT/VERSION of the same layout"})
+    mining: MiningConfig = dataclasses.field(default_factory=MiningConfig)
+    batch_size: int = 256  # queries embedded and searched per batch
+    search_params: dict | None = None  # backend search params, e.g. nprobe=64
+    allow_model_mismatch: bool = False  # mine model N+1's queries against model N's index
+    num_shards: int = 0  # train/ output shards, 0 = the runner decides
+
+    def __post_init__(self):
+        if self.batch_size <= 0:
+            raise ValueError(f"--batch-size must be positive, got {self.batch_size}")
+        check_num_shards(self.num_shards)
 
 
 def parse_window(text: str) -> tuple[int, int]:

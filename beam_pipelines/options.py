@@ -63,13 +63,6 @@ def normalize_args(beam_args: list[str] | None) -> tuple[list[str], bool]:
     return argv, False
 
 
-def pipeline_options(beam_args: list[str] | None = None):
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    argv, _ = normalize_args(beam_args)
-    return PipelineOptions(argv)
-
-
 def make_pipeline(beam_args: list[str] | None = None):
     """A `beam.Pipeline` on the runner the options name (local FnApiRunner by default)."""
     import apache_beam as beam
@@ -94,7 +87,3 @@ def make_pipeline(beam_args: list[str] | None = None):
              _flag_value(argv, "--direct_running_mode"),
              _flag_value(argv, "--direct_num_workers") or "default")
     return beam.Pipeline(runner=runner, options=options)
-
-
-def is_local(beam_args: list[str] | None) -> bool:
-    return normalize_args(beam_args)[1]

@@ -30,8 +30,8 @@ class SplitConfig:
         if self.method == HASH and not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval fraction must be in [0, 1), got {self.eval_fraction}")
         if self.method == TIME and self.time_cutoff is None:
-            raise ValueError("a time split needs --time-cutoff (unix seconds; sessions at or "
-                             "after it are evaluation)")
+            raise ValueError("a time split needs split.time_cutoff (unix seconds, e.g. --set "
+                             "split.time_cutoff=T; sessions at or after it are evaluation)")
 
 
 def is_eval(cfg: SplitConfig, session_id: str, timestamp: int) -> bool:

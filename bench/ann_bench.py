@@ -13,6 +13,7 @@ Prints JSON (also written with the PNG plots to --output). Same-run baselines: e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -24,11 +25,25 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import index  # noqa: E402,F401  (import ebr first)
+from ebr import config  # noqa: E402
 from index import evaluation as ev  # noqa: E402
 from index import sweep as sw  # noqa: E402
 
 TARGET = 0.95
 SELECTIVITIES = {"~1%": 0.01, "~10%": 0.10, "~50%": 0.50}
+
+
+@dataclasses.dataclass
+class AnnBenchConfig:
+    quick: bool = False  # 100k documents, smaller grid
+    embeddings: str | None = None  # EMB or EMB/VERSION from `ebr embed` (needs --query-vectors)
+    query_vectors: str | None = None  # .npy [Q, D]: the query tower over held-out sessions
+    docs: int = 0  # synthetic documents; 0: 1M, or 100k with --quick
+    queries: int = 1000  # queries (at most this many rows of --query-vectors)
+    dim: int = 64  # dimension of the synthetic documents
+    k: int = 10  # recall@k against exact search
+    seed: int = 0  # synthetic data and FAISS training
+    output: str = "runs/ann-bench"  # local directory: ann_bench.json, config.json, plots
 
 
 def pick_filters(attrs) -> dict[str, str]:
@@ -42,19 +57,20 @@ def pick_filters(attrs) -> dict[str, str]:
             for label, target in SELECTIVITIES.items()}
 
 
-def load(args):
+def load(cfg: AnnBenchConfig):
     from index import synthetic
 
-    if args.embeddings:
+    if cfg.embeddings:
         from index.embeddings import read_embeddings
 
-        ids, X, terms, meta = read_embeddings(args.embeddings)
-        if not args.query_vectors:
+        ids, X, terms, meta = read_embeddings(cfg.embeddings)
+        if not cfg.query_vectors:
             raise SystemExit("--embeddings needs --query-vectors (query tower over held-out sessions)")
-        Q = np.load(args.query_vectors).astype(np.float32)[: args.queries]
-        return ids, X, terms, Q, f"embeddings {args.embeddings} model {meta.get('model_version')}; queries {args.query_vectors}"
-    n = args.docs or (100_000 if args.quick else 1_000_000)
-    ids, X, terms, Q = synthetic.mixture(n, args.queries, args.dim, seed=args.seed)
+        Q = np.load(cfg.query_vectors).astype(np.float32)[: cfg.queries]
+        return (ids, X, terms, Q, f"embeddings {cfg.embeddings} model {meta.get('model_version')}; "
+                                  f"queries {cfg.query_vectors}")
+    n = cfg.docs or (100_000 if cfg.quick else 1_000_000)
+    ids, X, terms, Q = synthetic.mixture(n, cfg.queries, cfg.dim, seed=cfg.seed)
     return ids, X, terms, Q, "SYNTHETIC: " + synthetic.LABEL + " (trained towers not used)"
 
 
@@ -91,33 +107,30 @@ def filtered_cost(X, Q, terms, k, faiss_row, scann_be, faiss_be, exact_be, grid)
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="100k documents, smaller grid")
-    ap.add_argument("--embeddings")
-    ap.add_argument("--query-vectors")
-    ap.add_argument("--docs", type=int, default=0)
-    ap.add_argument("--queries", type=int, default=1000)
-    ap.add_argument("--dim", type=int, default=64)
-    ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--output", default="runs/ann-bench")
+    config.add_arguments(ap, AnnBenchConfig)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    try:
+        cfg = config.from_args(AnnBenchConfig, args)
+    except (FileNotFoundError, ValueError) as e:
+        ap.error(str(e))
+    config.announce("ann_bench", cfg)
     import faiss
 
     from index.exact import ExactBackend
     from index.ivf_pq import IVFPQBackend
     from index.scann_backend import ScaNNBackend, ScaNNConfig
 
-    out = Path(args.output)
+    out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    ids, X, terms, Q, data_label = load(args)
+    ids, X, terms, Q, data_label = load(cfg)
     n, d = X.shape
-    k = args.k
+    k = cfg.k
     grid = sw.SweepGrid(nprobes=(4, 8, 16, 32, 64), k_factors=(4, 16, 64),
                         scann_leaves_fraction=(0.01, 0.02, 0.05, 0.1),
                         scann_reorder=(100, 250), scann_num_leaves=(int(2 * np.sqrt(n)),),
-                        latency_queries=100 if args.quick else 200, repeats=3)
+                        latency_queries=100 if cfg.quick else 200, repeats=3)
     nlist = 1 << int(round(np.log2(4 * np.sqrt(n))))
     factories = [f"IVF{nlist},PQ{d // 4}",                     # paper default d/4 bytes
                  f"IVF{nlist},PQ{d // 2}x4fs,RFlat",          # d/4 bytes, fast-scan + refine
@@ -126,9 +139,8 @@ def main(argv=None) -> int:
                  f"IVF{nlist},PQ{d // 4},RFlat"]
     gt, exact_row = sw.exact_baseline(X, Q, k, grid)
     rows = [exact_row]
-    backends = {}
     for fac in factories:
-        rows += sw.sweep_faiss(X, Q, gt, k, fac, grid, args.seed)
+        rows += sw.sweep_faiss(X, Q, gt, k, fac, grid, cfg.seed)
     rows += sw.sweep_scann(X, Q, gt, k, grid)
     for r in rows:
         r["qps_vs_exact"] = r["qps"] / exact_row["qps"]
@@ -148,11 +160,12 @@ def main(argv=None) -> int:
               "met": bool(best_faiss and (best_scann is None or best_faiss["qps"] >= best_scann["qps"])),
               "faiss_qps_over_scann": (best_faiss["qps"] / best_scann["qps"]) if best_faiss and best_scann else None}
     report = {"bench": "ann_bench", "data": data_label, "n": n, "d": d, "queries": len(Q), "k": k,
-              "threads": faiss.omp_get_max_threads(), "quick": args.quick,
+              "threads": faiss.omp_get_max_threads(), "quick": cfg.quick,
               "exact": exact_row, "target": target, "filtered": filtered, "results": rows,
               "seconds": round(time.time() - t0, 1)}
     report["plots"] = sw.plot(rows, out, f"ann_bench {data_label[:60]} N={n}")
     (out / "ann_bench.json").write_text(json.dumps(report, indent=1, default=float))
+    config.save(cfg, str(out))
     summary = {k_: report[k_] for k_ in ("data", "n", "d", "queries", "threads", "seconds", "plots")}
     summary["exact_qps"] = exact_row["qps"]
     summary["target"] = target

@@ -25,6 +25,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from beam_pipelines import examples, split  # noqa: E402
+from beam_pipelines.config import ExamplesConfig  # noqa: E402
 from ebr.datasets.social import generate_social  # noqa: E402
 
 
@@ -53,7 +54,7 @@ def _profile(raw: str, out: str, top: int) -> list[dict]:
 
     prof = cProfile.Profile()
     prof.enable()
-    examples.run(examples.ExamplesConfig(raw, out))
+    examples.run(ExamplesConfig(raw, out))
     prof.disable()
     stats = pstats.Stats(prof)
     rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
             for i in range(args.repeats):
                 out = os.path.join(work, f"out-{name}")
                 wall, cpu, stats = _timed(lambda: examples.run(
-                    examples.ExamplesConfig(raw, out, split.SplitConfig()), beam_args))
+                    ExamplesConfig(raw, out, split.SplitConfig()), beam_args))
                 walls.append(wall)
                 cpus.append(cpu)
                 written = stats["written"]

@@ -16,6 +16,7 @@ Cloud Storage's network.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -29,15 +30,26 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from ebr import config  # noqa: E402
+
+
+@dataclasses.dataclass
+class PublishBenchConfig:
+    docs: int = 1_000_000  # synthetic documents in the index
+    dim: int = 64  # their dimension
+    repeats: int = 3  # publish + open rounds per target (medians reported)
+    output: str | None = None  # also write the JSON to this file (any URI)
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--docs", type=int, default=1_000_000)
-    ap.add_argument("--dim", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--output", default=None, help="also write the JSON here")
-    args = ap.parse_args(argv)
-    print(json.dumps({"config": vars(args)}), file=sys.stderr, flush=True)
+    config.add_arguments(ap, PublishBenchConfig)
+    try:
+        cfg = config.from_args(PublishBenchConfig, ap.parse_args(argv))
+    except (FileNotFoundError, ValueError) as e:
+        ap.error(str(e))
+    # stderr is this bench's JSON-lines progress log: the resolved configuration comes first
+    print(json.dumps({"config": config.as_dict(cfg)}), file=sys.stderr, flush=True)
 
     from gcs_emulator import GcsEmulator
 
@@ -46,12 +58,12 @@ def main(argv=None) -> int:
     emulator.start()
     bucket = emulator.create_bucket("ebr-bench")
     try:
-        return run(args, bucket)
+        return run(cfg, bucket)
     finally:
         emulator.stop()
 
 
-def run(args, bucket: str) -> int:
+def run(cfg, bucket: str) -> int:
     import numpy as np
 
     import index
@@ -61,7 +73,7 @@ def run(args, bucket: str) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="ebr-publish-bench-"))
     try:
-        ids, X, terms, Q = synthetic.mixture(args.docs, 100, args.dim, seed=0)
+        ids, X, terms, Q = synthetic.mixture(cfg.docs, 100, cfg.dim, seed=0)
         t0 = time.perf_counter()
         built = build_index((ids, X, terms, {"source": "synthetic"}), str(work / "built"))
         build_s = time.perf_counter() - t0
@@ -73,7 +85,7 @@ def run(args, bucket: str) -> int:
                           "bytes": total}), file=sys.stderr, flush=True)
         targets = {"local": str(work / "published"), "gs": f"{bucket}/index"}
         times = {t: {"publish": [], "open": []} for t in targets}
-        for r in range(args.repeats):
+        for r in range(cfg.repeats):
             for name, base in targets.items():
                 t0 = time.perf_counter()
                 vdir = artifacts.publish_dir(str(staged), base, last=(artifacts.INDEX_MANIFEST,),
@@ -89,8 +101,8 @@ def run(args, bucket: str) -> int:
         med = {t: {k: statistics.median(v) for k, v in d.items()} for t, d in times.items()}
         out = {
             "bench": "publish_bench",
-            "docs": args.docs, "dimension": args.dim, "index_files": len(files),
-            "index_bytes": total, "repeats": args.repeats,
+            "docs": cfg.docs, "dimension": cfg.dim, "index_files": len(files),
+            "index_bytes": total, "repeats": cfg.repeats,
             "median_seconds": {t: {k: round(v, 3) for k, v in d.items()} for t, d in med.items()},
             "publish_MB_per_s": {t: round(total / 1e6 / med[t]["publish"], 1) for t in med},
             "ratio_gs_over_local": {k: round(med["gs"][k] / med["local"][k], 2)
@@ -100,8 +112,8 @@ def run(args, bucket: str) -> int:
         }
         text = json.dumps(out, indent=1)
         print(text)
-        if args.output:
-            storage.write_bytes(args.output, text.encode())
+        if cfg.output:
+            storage.write_bytes(cfg.output, text.encode())
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -5,7 +5,7 @@ the TFRS basic-retrieval recipe, most-popular and EASE.
                                       [--variants in_batch,logq,...] [--output result.json]
 
 Data: `ebr data movielens` then `ebr pipeline examples --allow-empty-query` (hash split by
-default; the split rule is in OUT/split.json and copied into the result). Every method is scored
+default; the split rule is in OUT/VERSION/split.json and copied into the result). Every method is scored
 by exact search over all 1682 movies, recall@10/50/100 under two protocols: `all` (the held-out
 interaction ranked among every movie, the TFRS tutorial metric) and `exclude_train` (the user's
 training movies removed from the ranking, the usual offline protocol). Unified variants are
@@ -70,16 +70,19 @@ def _cli(*args: str) -> None:
 
 
 def prepare(work: Path, split: str) -> Path:
+    """The newest committed examples version of WORK/examples_SPLIT (made when there is none)."""
+    from ebr import artifacts
+
     raw, out = work / "raw", work / f"examples_{split}"
     if not (raw / "sessions.jsonl").exists() and not (raw / "sessions.jsonl.gz").exists():
         _cli("data", "movielens", "--out", str(raw))
-    if not (out / "split.json").exists():
-        args = ["pipeline", "examples", "--input", str(raw), "--output", str(out), "--split", split,
-                "--allow-empty-query"]
+    if not (out.exists() and artifacts.versions(str(out))):
+        args = ["pipeline", "examples", "--input", str(raw), "--output", str(out), "--split.method",
+                split, "--allow-empty-query"]
         if split == "time":
-            args += ["--time-cutoff", str(_time_cutoff(raw))]
+            args += ["--split.time-cutoff", str(_time_cutoff(raw))]
         _cli(*args)
-    return out
+    return Path(artifacts.resolve(str(out), "examples"))
 
 
 def _time_cutoff(raw: Path, eval_fraction: float = 0.1) -> int:
@@ -96,21 +99,22 @@ def _time_cutoff(raw: Path, eval_fraction: float = 0.1) -> int:
 
 def load_interactions(ex: Path):
     """(train pairs, eval pairs, corpus doc ids): lists of (searcher_id, doc_id)."""
+    from ebr.features import DOC_ID, SEARCHER_ID
     from trainer import data
+    from trainer.config import CORPUS_PATTERN, EVAL_PATTERN, TRAIN_PATTERN
 
     def pairs(pattern):
         out = []
         for batch in data.make_dataset(str(ex / pattern), 8192, shuffle=False,
-                                       names=("searcher_id", "doc_id")):
-            out += [(s.decode(), d.decode()) for s, d in zip(batch["searcher_id"].numpy(),
-                                                              batch["doc_id"].numpy())]
+                                       names=(SEARCHER_ID, DOC_ID)):
+            out += [(s.decode(), d.decode()) for s, d in zip(batch[SEARCHER_ID].numpy(),
+                                                              batch[DOC_ID].numpy())]
         return out
 
     docs = []
-    for batch in data.make_dataset(str(ex / "corpus/documents-*.tfrecord.gz"), 8192, shuffle=False,
-                                   names=("doc_id",)):
-        docs += [d.decode() for d in batch["doc_id"].numpy()]
-    return pairs("train/examples-*.tfrecord.gz"), pairs("eval/examples-*.tfrecord.gz"), docs
+    for batch in data.make_dataset(str(ex / CORPUS_PATTERN), 8192, shuffle=False, names=(DOC_ID,)):
+        docs += [d.decode() for d in batch[DOC_ID].numpy()]
+    return pairs(TRAIN_PATTERN), pairs(EVAL_PATTERN), docs
 
 
 def recall(score_fn, train, evals, docs) -> dict:

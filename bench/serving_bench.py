@@ -54,7 +54,7 @@ def export_model(model_dir: Path, n_docs: int) -> Path:
     """The real query/doc tower architecture (default TrainConfig), exported untrained."""
     import tensorflow as tf
 
-    from serving.embedder import build_inputs
+    from serving.retrieval.embedder import build_inputs
     from trainer.config import TrainConfig
     from trainer.export import export_towers
     from trainer.model import UnifiedEmbeddingModel
@@ -62,7 +62,7 @@ def export_model(model_dir: Path, n_docs: int) -> Path:
     tf.keras.utils.set_random_seed(0)
     model = UnifiedEmbeddingModel(TrainConfig(), corpus_size=n_docs)
     # Build the variables eagerly (the exporter tracks the variables that exist).
-    q = build_inputs([{"query": "warm up"}])
+    q = build_inputs([{features.QUERY_TEXT: "warm up"}])
     model.query_tower({k: tf.constant(v) for k, v in q.items()})
     d = {}
     for name in features.DOC_INPUTS:
@@ -106,17 +106,18 @@ def make_queries(n: int, seed: int = 1) -> list[dict]:
     out = []
     for _ in range(n):
         text = " ".join(rng.choice(WORDS, size=int(rng.integers(1, 4))))
-        out.append({"query": text, "searcher_id": f"u{rng.integers(10_000)}",
+        # SearcherFeatures field names (`searcher_id`, `history_doc_ids` are also feature names)
+        out.append({features.QUERY_TEXT: text, features.SEARCHER_ID: f"u{rng.integers(10_000)}",
                     "city": str(rng.choice(["seattle", "paris", "tokyo"])),
                     "friends": [f"u{rng.integers(10_000)}" for _ in range(int(rng.integers(0, 20)))],
-                    "history_doc_ids": [f"d{rng.integers(1000)}" for _ in range(int(rng.integers(0, 10)))]})
+                    features.HISTORY_DOC_IDS: [f"d{rng.integers(1000)}" for _ in range(int(rng.integers(0, 10)))]})
     return out
 
 
 def feature_values(q: dict) -> dict:
-    from serving.retrieval_service import SEARCHER_INPUTS, TEXT_INPUT
+    from serving.retrieval.validation import SEARCHER_INPUTS, TEXT_INPUT
 
-    values = {TEXT_INPUT: q["query"]}
+    values = {TEXT_INPUT: q[features.QUERY_TEXT]}
     for field, name in SEARCHER_INPUTS.items():
         if field in q:
             values[name] = q[field]
@@ -294,16 +295,23 @@ def wait_health(address: str, proc: subprocess.Popen, log_file: Path, timeout: f
 
 
 def main(argv: list[str] | None = None) -> int:
+    from serving.retrieval.config import ServeConfig
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="100k documents, shorter runs")
     p.add_argument("--docs", type=int)
     p.add_argument("--seconds", type=float)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--concurrency", default="1,8,32")
-    p.add_argument("--workers", type=int, default=8, help="retrieval service worker threads")
-    p.add_argument("--embed-batch", type=int, default=32, help="retrieval service --embed-batch")
-    p.add_argument("--embed-threads", type=int, default=1, help="retrieval service --embed-threads")
-    p.add_argument("--tf-threads", type=int, default=1, help="retrieval service --tf-threads")
+    # The retrieval service's own defaults (ServeConfig), varied here for the comparison.
+    p.add_argument("--workers", type=int, default=ServeConfig.workers,
+                   help="retrieval service worker threads")
+    p.add_argument("--embed-batch", type=int, default=ServeConfig.embed_batch,
+                   help="retrieval service --embed-batch")
+    p.add_argument("--embed-threads", type=int, default=ServeConfig.embed_threads,
+                   help="retrieval service --embed-threads")
+    p.add_argument("--tf-threads", type=int, default=ServeConfig.tf_threads,
+                   help="retrieval service --tf-threads")
     p.add_argument("--nprobe", type=int, default=0, help="search param (0 = index default)")
     p.add_argument("--workdir", help="keep fixtures here (reused when present)")
     p.add_argument("--out", help="also write the JSON here")
@@ -319,8 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
     import index
-    from serving import embedder, retrieval_pb2_grpc
-    from serving.retrieval_client import make_request
+    from serving.retrieval import embedder, retrieval_pb2_grpc
+    from serving.retrieval.client import make_request
 
     model_dir = work / "models"
     if not (model_dir / "query_tower").exists():
@@ -338,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
 
     queries = make_queries(512)
     inputs = [embedder.build_inputs([feature_values(q)]) for q in queries]
-    retrieve_requests = [make_request(q["query"], searcher={k: v for k, v in q.items() if k != "query"},
+    retrieve_requests = [make_request(q[features.QUERY_TEXT],
+                                      searcher={k: v for k, v in q.items() if k != features.QUERY_TEXT},
                                       k=10) for q in queries]
     predict_requests = []
     for x in inputs:
@@ -349,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             r.inputs[name].CopyFrom(embedder.tensor_proto(arr))
         predict_requests.append(r)
 
-    from serving.retrieval_service import set_search_threads
+    from serving.retrieval.threads import set_search_threads
 
     results: dict = {"config": {"docs": n_docs, "dimension": dim, "seconds": seconds,
                                 "repeats": args.repeats, "concurrency": levels,

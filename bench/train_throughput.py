@@ -78,19 +78,23 @@ def main(argv=None) -> int:
 
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    from ebr import artifacts
     from trainer import data
+    from trainer.config import CORPUS_PATTERN, TRAIN_PATTERN
     from trainer.corpus import load_corpus, load_frequencies
 
     data_dir = Path(args.data)
-    if not (data_dir / "split.json").exists():
+    if data_dir.exists() and artifacts.versions(str(data_dir)):
+        data_dir = Path(artifacts.resolve(str(data_dir), "examples"))
+    elif not (data_dir / "split.json").exists():  # neither EX nor EX/VERSION: make it
         from bench.quality_movielens import prepare  # noqa: PLC0415
 
         data_dir = prepare(data_dir.parent, "hash")
-    corpus = load_corpus(str(data_dir / "corpus/documents-*.tfrecord.gz"))
+    corpus = load_corpus(str(data_dir / CORPUS_PATTERN))
     load_frequencies(corpus, str(data_dir / "doc_frequencies-*.tsv"))
     corpus.lookup_table()
     n_batches = 40
-    ds = data.make_dataset(str(data_dir / "train/examples-*.tfrecord.gz"), args.batch_size,
+    ds = data.make_dataset(str(data_dir / TRAIN_PATTERN), args.batch_size,
                            shuffle=True, seed=args.seed, drop_remainder=True, repeat=True)
     ds = ds.take(n_batches).cache().repeat()
 

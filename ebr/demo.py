@@ -9,6 +9,7 @@ from there; only the servers' own log files stay on local disk.
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import logging
@@ -22,27 +23,30 @@ import tempfile
 import time
 from pathlib import Path
 
-from ebr import storage
+from ebr import config, storage
 
 log = logging.getLogger("ebr.demo")
 
 # Small enough for a laptop-sized run (a few minutes on 2 cores), large enough that the
 # generator's structure (shared names, communities, typos) shows up in the results.
-DEMO_DATA = dict(documents=5_000, sessions=40_000, seed=7)
-DEMO_TRAIN = ["epochs=3", "batch_size=512", "hash_bucket_cap=50000", "text_char_buckets=50000",
-              "text_word_buckets=50000", "eval_ks=10,50,100"]
+@dataclasses.dataclass
+class DemoConfig:
+    out: str = "ebr-demo"  # everything the demo makes goes here (any URI, e.g. gs://BUCKET/demo)
+    documents: int = 5_000  # documents the generator makes
+    sessions: int = 40_000  # search sessions the generator logs
+    seed: int = 7  # the generator's seed
+    # Training settings (trainer.config.TrainConfig keys) passed on to `ebr train --set`.
+    train: dict = dataclasses.field(default_factory=lambda: {
+        "epochs": 3, "batch_size": 512, "hash_bucket_cap": 50000, "text_char_buckets": 50000,
+        "text_word_buckets": 50000, "eval_ks": "10,50,100"})
+
+
 NUM_QUERIES = 4
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="run the whole stack end to end on generated data")
-    p.add_argument("--out", default="ebr-demo",
-                   help="everything the demo makes goes here (any URI, e.g. gs://BUCKET/demo)")
-    p.add_argument("--documents", type=int, default=DEMO_DATA["documents"])
-    p.add_argument("--sessions", type=int, default=DEMO_DATA["sessions"])
-    p.add_argument("--seed", type=int, default=DEMO_DATA["seed"])
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra training config override (repeatable)")
+    config.add_arguments(p, DemoConfig)
     p.set_defaults(func=run)
 
 
@@ -96,16 +100,19 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def run(args) -> int:
-    out = storage.normalize(args.out)
+    cfg = config.from_args(DemoConfig, args)
+    config.announce("demo", cfg)
+    out = storage.normalize(cfg.out)
+    config.save(cfg, out)
     raw, examples, models = (storage.join(out, d) for d in ("raw", "examples", "models"))
     embeddings, index = storage.join(out, "embeddings"), storage.join(out, "index")
 
     _stage("generate social-search logs", ["data", "social", "--out", str(raw), "--documents",
-                                            str(args.documents), "--sessions", str(args.sessions),
-                                            "--seed", str(args.seed)])
+                                            str(cfg.documents), "--sessions", str(cfg.sessions),
+                                            "--seed", str(cfg.seed)])
     _stage("examples pipeline (Beam)", ["pipeline", "examples", "--input", str(raw), "--output",
                                         str(examples)])
-    train_sets = [x for item in DEMO_TRAIN + list(args.set) for x in ("--set", item)]
+    train_sets = [x for k, v in cfg.train.items() for x in ("--set", f"{k}={v}")]
     _stage("train and export towers", ["train", "--data-dir", examples, "--model-dir", models,
                                        "--output", storage.join(out, "train.json"), *train_sets])
     query_tower, doc_tower = storage.join(models, "query_tower"), storage.join(models, "doc_tower")
@@ -127,7 +134,7 @@ def run(args) -> int:
         servers.append(_start(["serve", "retrieval", "--index", str(index), "--model-address",
                                f"localhost:{model_port}", "--model", query_tower,
                                "--port", str(retrieval_port)], logs / "retrieval.log"))
-        from serving.retrieval_client import RetrievalClient
+        from serving.retrieval.client import RetrievalClient
 
         address = f"localhost:{retrieval_port}"
         with RetrievalClient(address) as client:

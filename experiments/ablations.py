@@ -49,7 +49,7 @@ def _clean(ex: dict) -> dict:
 
 
 def _session(ex: dict) -> str:
-    return (ex.get("session_id") or [""])[0]
+    return (ex.get(features.SESSION_ID) or [""])[0]
 
 
 def _attach_impressions(kv, max_per_example: int, seed: int):
@@ -57,16 +57,16 @@ def _attach_impressions(kv, max_per_example: int, seed: int):
     import apache_beam as beam
 
     _, groups = kv
-    clicked = {d for ex in groups["train"] for d in ex.get("doc_id", [])}
-    shown = sorted({d for ex in groups["impr"] for d in ex.get("doc_id", [])} - clicked)
+    clicked = {d for ex in groups["train"] for d in ex.get(features.DOC_ID, [])}
+    shown = sorted({d for ex in groups["impr"] for d in ex.get(features.DOC_ID, [])} - clicked)
     for ex in groups["train"]:
         negs = shown
         if len(negs) > max_per_example:
-            rng = mining.rng_for(f"{_session(ex)}/{ex.get('doc_id', [''])[0]}", seed)
+            rng = mining.rng_for(f"{_session(ex)}/{ex.get(features.DOC_ID, [''])[0]}", seed)
             negs = [negs[i] for i in sorted(rng.choice(len(negs), max_per_example, replace=False))]
         beam.metrics.Metrics.counter("ablation", "with_negatives" if negs else "without_negatives").inc()
         out = _clean(ex)
-        out["negative_doc_ids"] = list(dict.fromkeys(list(ex.get("negative_doc_ids", [])) + negs))
+        out[features.NEGATIVE_DOC_IDS] = list(dict.fromkeys(list(ex.get(features.NEGATIVE_DOC_IDS, [])) + negs))
         yield features.make_example(out)
 
 
@@ -117,7 +117,7 @@ def impression_negatives(examples: str, output: str, max_per_example: int = 0, s
     `max_per_example` = 0 means the schema's limit (`negative_doc_ids.max_values`)."""
     import apache_beam as beam
 
-    limit = features.BY_NAME["negative_doc_ids"].max_values
+    limit = features.BY_NAME[features.NEGATIVE_DOC_IDS].max_values
     n = limit if max_per_example <= 0 else min(max_per_example, limit)
 
     examples = resolve_examples(examples)
@@ -194,9 +194,9 @@ def _hard_positive_copies(kv):
     for ex in groups["ex"]:
         for hp in groups["hp"]:
             out = _clean(ex)
-            out["query"] = hp.query
-            out["session_id"] = hp.failed_session_id + SESSION_SUFFIX
-            out["timestamp"] = hp.timestamp
+            out[features.QUERY_TEXT] = hp.query
+            out[features.SESSION_ID] = hp.failed_session_id + SESSION_SUFFIX
+            out[features.TIMESTAMP] = hp.timestamp
             beam.metrics.Metrics.counter("ablation", "hard_positives").inc()
             yield features.make_example(out)
 
@@ -222,7 +222,7 @@ def hard_positive_examples(raw: str, examples: str, output: str,
         keyed_hp = hps | "KeyHP" >> beam.FlatMap(
             lambda hp: [((hp.later_session_id, d), hp) for d in hp.doc_ids])
         keyed_ex = train | "KeyEx" >> beam.Map(
-            lambda ex: ((_session(ex), (ex.get("doc_id") or [""])[0]), ex))
+            lambda ex: ((_session(ex), (ex.get(features.DOC_ID) or [""])[0]), ex))
         copies = ({"hp": keyed_hp, "ex": keyed_ex} | "JoinHP" >> beam.CoGroupByKey()
                   | "Copies" >> beam.FlatMap(_hard_positive_copies))
         originals = train | "Originals" >> beam.Map(lambda ex: features.make_example(_clean(ex)))

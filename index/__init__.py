@@ -6,7 +6,7 @@ retrieval service and the experiments. Heavy libraries (faiss, scann) are import
 """
 import ebr  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
 
-from index.errors import IndexError_  # noqa: E402
+from index.errors import IndexDataError  # noqa: E402
 
 
 def open_index(path, **kwargs):
@@ -26,4 +26,4 @@ def build_index(*args, **kwargs):
     return _build(*args, **kwargs)
 
 
-__all__ = ["open_index", "build_index", "IndexError_"]
+__all__ = ["open_index", "build_index", "IndexDataError"]

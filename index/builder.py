@@ -2,7 +2,8 @@
 
 embeddings (contracts section 4: EMB or EMB/VERSION on any URI, read by
 `index.embeddings.read_embeddings`) -> backend (exact | faiss | scann) + doc ids + attribute
-inverted index (bitmaps for boolean filters), built in a local staging directory ->
+inverted index (bitmaps for boolean filters), plus the building command's config.json when
+given, built in a local staging directory ->
 INDEX_BASE/VERSION on any URI, committed last (`persistence.publish`, docs/contracts.md
 section 5).
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ebr import config, storage
 from index import persistence
 from index.defaults import DEFAULTS
 from index.errors import DimensionMismatch
@@ -56,11 +58,13 @@ def write_doc_ids(path: Path, doc_ids: list[str]) -> None:
 def build_index(embeddings, output, *, backend: str = "faiss", factory: str | None = None,
                 nprobe: int | None = None, k_factor: int | None = None, scann=None,
                 model_version=None, schema_hash: str | None = None, seed: int = 0,
-                backend_object=None) -> str:
+                backend_object=None, command_config=None) -> str:
     """EMB (or a `(doc_ids, X, filter_terms, meta)` tuple) -> the committed version dir's URI.
 
     `model_version` / `schema_hash` default to those in embeddings.json; when given they must
-    agree with it (an index must not mix one model's embeddings with another's label)."""
+    agree with it (an index must not mix one model's embeddings with another's label).
+    `command_config`, the resolved settings of the command that builds (a dataclass), is saved
+    as config.json inside the version and listed in its manifest like every other file."""
     from index.embeddings import read_embeddings
     from index.filters import AttributeIndex
 
@@ -92,7 +96,10 @@ def build_index(embeddings, output, *, backend: str = "faiss", factory: str | No
         files = be.save(tmp)
         write_doc_ids(tmp / DOC_IDS, doc_ids)
         attributes.save(tmp / FILTERS)
-        return files + [DOC_IDS, FILTERS]
+        files = [*files, DOC_IDS, FILTERS]
+        if command_config is not None:
+            files.append(storage.basename(config.save(command_config, str(tmp))))
+        return files
 
     params = be.manifest_params() if hasattr(be, "manifest_params") else {}
     manifest = {

@@ -15,14 +15,15 @@ import tempfile
 
 import numpy as np
 
-from ebr import artifacts, storage
+from ebr import artifacts, features, storage
 from index.errors import EmbeddingsError
 
 log = logging.getLogger(__name__)
 
 META = "embeddings.json"
 PATTERN = "embeddings-*.tfrecord.gz"
-DOC_ID, EMBEDDING, FILTER_TERMS = "doc_id", "embedding", "filter_terms"
+# Record fields: the document's id feature, its embedding and its filter terms.
+DOC_ID, EMBEDDING, FILTER_TERMS = features.DOC_ID, "embedding", "filter_terms"
 _BATCH = 8192
 
 
@@ -110,8 +111,6 @@ def write_embeddings(path, doc_ids, X, filter_terms=None, *, schema_hash: str | 
     `artifacts.publish_dir` (embeddings.json last). Returns `path` as given (the base), which
     `read_embeddings` resolves to this version."""
     import tensorflow as tf
-
-    from ebr import features
 
     X = np.asarray(X, dtype=np.float32)
     n = len(doc_ids)

@@ -11,25 +11,26 @@ from __future__ import annotations
 from ebr import artifacts
 
 
-class IndexError_(ValueError):
-    """Base class: something about an index directory or an index request is wrong."""
+class IndexDataError(ValueError):
+    """Base class: an index directory, the embeddings it is built from or a request to it is
+    wrong (missing, uncommitted, corrupt, of another format, dimension or model)."""
 
 
-class CorruptIndexFile(IndexError_):
+class CorruptIndexFile(IndexDataError):
     """A file of a published index is missing, truncated or fails its checksum."""
 
 
-class DimensionMismatch(IndexError_):
+class DimensionMismatch(IndexDataError):
     """Vectors whose dimension differs from the index's (or a manifest that lies about it)."""
 
 
-class ModelMismatch(IndexError_, artifacts.ModelMismatch):
+class ModelMismatch(IndexDataError, artifacts.ModelMismatch):
     """The index was built from another embedding model (schema hash / model version)."""
 
 
-class UncommittedIndex(IndexError_, artifacts.UncommittedVersion):
+class UncommittedIndex(IndexDataError, artifacts.UncommittedVersion):
     """An index version directory whose publish never finished (no `_COMMITTED`)."""
 
 
-class EmbeddingsError(IndexError_):
+class EmbeddingsError(IndexDataError):
     """An embeddings directory (contracts section 4) is missing, inconsistent or corrupt."""

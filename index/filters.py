@@ -16,7 +16,6 @@ than AND, AND tighter than OR; operators are case-insensitive; a term always hol
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import struct
 from typing import Iterable

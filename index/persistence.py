@@ -1,6 +1,7 @@
 """Versioned, checksummed index directories on any URI (docs/contracts.md section 5).
 
     INDEX_BASE/VERSION/{manifest.json, backend files, doc_ids.txt, filters.bin, _COMMITTED}
+    (+ config.json, the settings of the `ebr index build` that made it)
 
 Place in the data flow: `index.builder` publishes a version here; `index.searcher.open_index`
 (the retrieval service, `ebr mine-negatives`, the experiments) resolves and loads one.
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from ebr import artifacts, storage
-from index.errors import CorruptIndexFile, IndexError_, ModelMismatch, UncommittedIndex
+from index.errors import CorruptIndexFile, IndexDataError, ModelMismatch, UncommittedIndex
 
 MANIFEST = artifacts.INDEX_MANIFEST
 FORMAT = 1
@@ -55,7 +56,7 @@ def resolve(path) -> str:
     except artifacts.UncommittedVersion as e:
         raise UncommittedIndex(str(e)) from None
     except artifacts.ArtifactError as e:
-        raise IndexError_(str(e)) from None
+        raise IndexDataError(str(e)) from None
 
 
 def publish(base, write_files: Callable[[Path], list[str]], manifest: dict) -> str:
@@ -105,7 +106,7 @@ def read_manifest(vdir) -> dict:
     if missing:
         raise CorruptIndexFile(f"{mpath} lacks field(s) {missing}")
     if manifest["format"] != FORMAT:
-        raise IndexError_(f"{mpath}: index format {manifest['format']} is not supported (want {FORMAT})")
+        raise IndexDataError(f"{mpath}: index format {manifest['format']} is not supported (want {FORMAT})")
     return manifest
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from index import persistence
 from index.builder import DOC_IDS, FILTERS
-from index.errors import CorruptIndexFile, DimensionMismatch, IndexError_
+from index.errors import CorruptIndexFile, DimensionMismatch, IndexDataError
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def _backend_class(name: str):
     if name == "scann":
         from index.scann_backend import ScaNNBackend
         return ScaNNBackend
-    raise IndexError_(f"unknown backend {name!r} in the manifest")
+    raise IndexDataError(f"unknown backend {name!r} in the manifest")
 
 
 class Searcher:

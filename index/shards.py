@@ -16,7 +16,6 @@ lists (what a serving fan-out does when one machine cannot hold the index).
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -127,7 +126,3 @@ def search_shards(indexes: list, Q: np.ndarray, k: int, params=None) -> tuple[np
     # within a list is not guaranteed by FAISS; ids make the merge deterministic).
     order = np.lexsort((I, -D), axis=1)[:, :k]
     return np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
-
-
-def cleanup(work_dir) -> None:
-    shutil.rmtree(work_dir, ignore_errors=True)

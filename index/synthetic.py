@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ebr.features import document_filter_terms
+from ebr import features
 
 TYPES = (("group", 0.5), ("page", 0.3), ("event", 0.2))
 CITIES = ("seattle", "portland", "boston", "austin", "denver", "chicago", "miami", "atlanta",
@@ -58,7 +58,8 @@ def mixture(n_docs: int, n_queries: int, dim: int = 64, *, clusters: int | None 
     doc_ids, terms = [], []
     for i in range(n_docs):
         attrs = (["tag:spam"] if spam[i] else []) + (["tag:verified"] if verified[i] else [])
-        terms.append(document_filter_terms({"doc_type": types[i], "doc_city": CITIES[city[i]],
-                                            "doc_attributes": attrs}))
+        terms.append(features.document_filter_terms({features.DOC_TYPE: types[i],
+                                                     features.DOC_CITY: CITIES[city[i]],
+                                                     features.DOC_ATTRIBUTES: attrs}))
         doc_ids.append(f"d{i:08d}")
     return doc_ids, X, terms, Q

@@ -1,18 +1,55 @@
 """`ebr serve model`, `ebr serve retrieval` and `ebr query`: the serving stage's command line.
 
-Every path option takes a URI (local or gs://): the index and model are artifacts resolved to
-committed versions (docs/contracts.md sections 3, 5, 6), certificates and searchers.jsonl are
-read through `ebr.storage`.
+Each command's flags are generated from its settings dataclass (`ebr.config.add_arguments`):
+`serving.model_server.config.ModelServerConfig`, `serving.retrieval.config.ServeConfig` and
+`QueryConfig` below; `--config FILE` and `--set KEY=VALUE` work on every one, and each command
+logs its resolved configuration at start. Every path option takes a URI (local or gs://): the
+index and model are artifacts resolved to committed versions (docs/contracts.md sections 3, 5,
+6), certificates and searchers.jsonl are read through `ebr.storage`.
 
-Heavy imports (TensorFlow, gRPC servers) happen inside the command functions so `ebr --help`
-stays fast.
+The settings modules are standard library only; gRPC and TensorFlow load inside the command
+functions, so `ebr --help` stays fast.
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import gzip
 import json
 import logging
+
+from ebr import config, features
+from serving.model_server.config import ModelServerConfig
+from serving.retrieval.config import ServeConfig
+
+
+@dataclasses.dataclass
+class QueryConfig:
+    query: str = dataclasses.field(default="", metadata={
+        "positional": True, "help": "query text (may be empty with --searcher)"})
+    address: str = "localhost:8600"  # host:port of the retrieval service
+    k: int = dataclasses.field(default=10, metadata={"flags": ("-k",),
+                                                     "help": "documents to return"})
+    filter: str = ""  # e.g. 'city:seattle AND NOT type:group'
+    radius: float | None = None  # keep only documents scoring at least this
+    backend: str = ""  # the index backend the service must be serving ('' = any)
+    ensemble: str = ""  # a named ensemble of the service to answer with
+    searcher: str | None = None  # searcher id
+    searchers: str | None = None  # searchers.jsonl[.gz] (any URI) with the searcher's features
+    # Searcher features, named as retrieval.proto's SearcherFeatures fields; they win over the
+    # searcher's record.
+    city: str | None = None  # the searcher's city
+    region: str | None = None  # the searcher's region
+    country: str | None = None  # the searcher's country
+    language: str | None = None  # the searcher's language
+    attributes: list[str] = dataclasses.field(default_factory=list, metadata={
+        "flags": ("--attribute",), "help": "key:value"})
+    friends: list[str] = dataclasses.field(default_factory=list, metadata={
+        "flags": ("--friend",), "help": "searcher id of a friend"})
+    history_doc_ids: list[str] = dataclasses.field(default_factory=list, metadata={
+        "flags": ("--history",), "help": "clicked doc id"})
+    timeout: float = 10.0  # seconds
+    tls_ca: str | None = None  # CA certificate of a TLS retrieval service (any URI)
+    json: bool = False  # print JSON instead of a table
 
 
 def register(subparsers) -> None:
@@ -20,140 +57,37 @@ def register(subparsers) -> None:
     serve_sub = serve.add_subparsers(dest="server", required=True)
 
     model = serve_sub.add_parser("model", help="TF Serving gRPC API over MODEL_DIR/NAME/VERSION")
-    try:
-        from serving import model_server
-    except ImportError as e:  # written by another component; report instead of hiding it
-        model.set_defaults(func=lambda args, e=e: _missing(e))
-    else:
-        model_server.add_arguments(model)
-        model.set_defaults(func=model_server.run)
+    config.add_arguments(model, ModelServerConfig)
+    model.set_defaults(func=_serve_model)
 
     retrieval = serve_sub.add_parser(
         "retrieval", help="embed queries and search the index",
-        description="Every path takes a URI (local or gs://). Options left out take "
-                    "serving.retrieval_service.ServeConfig's defaults.")
-    # default=SUPPRESS: an option not given is not passed on, so ServeConfig's default holds
-    # (one place for every default).
-    opt = dict(default=argparse.SUPPRESS)
-    retrieval.add_argument("--index", required=True,
-                           help="INDEX_BASE (newest committed version, polled) or "
-                                "INDEX_BASE/VERSION (fixed)")
-    retrieval.add_argument("--model", **opt,
-                           help="MODEL_DIR (or MODEL_DIR/query_tower): loaded in-process, or "
-                                "read for ebr_metadata.json when --model-address is set")
-    retrieval.add_argument("--model-address", **opt,
-                           help="host:port of TF Serving / `ebr serve model`")
-    retrieval.add_argument("--model-name", **opt)
-    retrieval.add_argument("--model-tls-ca", **opt, help="CA certificate of a TLS model server")
-    retrieval.add_argument("--host", **opt)
-    retrieval.add_argument("--port", type=int, **opt)
-    retrieval.add_argument("--metrics-port", type=int, **opt,
-                           help="Prometheus /metrics port (default: none)")
-    retrieval.add_argument("--workers", type=int, **opt)
-    retrieval.add_argument("--max-queue", type=int, **opt,
-                           help="requests admitted beyond the workers; more get RESOURCE_EXHAUSTED")
-    retrieval.add_argument("--max-k", type=int, **opt)
-    retrieval.add_argument("--poll-seconds", type=float, **opt,
-                           help="how often INDEX_BASE is listed for a new version (0 = never)")
-    retrieval.add_argument("--retry-seconds", type=float, **opt,
-                           help="first retry delay of a new index version that failed to load "
-                                "(doubles per failure)")
-    retrieval.add_argument("--retry-max-seconds", type=float, **opt,
-                           help="longest retry delay of a failed index version")
-    retrieval.add_argument("--drain-seconds", type=float, **opt,
-                           help="on SIGTERM, how long requests in flight may take to finish")
-    retrieval.add_argument("--drain-delay", dest="drain_delay_seconds", type=float, **opt,
-                           metavar="SECONDS",
-                           help="on SIGTERM, seconds of NOT_SERVING health while still answering, "
-                                "before new requests are refused (k8s endpoint removal)")
-    retrieval.add_argument("--embed-batch", type=int, **opt,
-                           help="largest dynamic batch of concurrent requests, embedded and "
-                                "searched together (1 = off)")
-    retrieval.add_argument("--embed-threads", type=int, **opt,
-                           help="embedding batches in flight at once")
-    retrieval.add_argument("--tf-threads", type=int, **opt,
-                           help="TensorFlow inter/intra-op threads (0 = TF default)")
-    retrieval.add_argument("--search-threads", type=int, **opt,
-                           help="FAISS OpenMP threads per search (0 = FAISS default)")
-    retrieval.add_argument("--search-param", dest="search_params", action="append", **opt,
-                           metavar="KEY=VALUE",
-                           help="index search parameter, e.g. nprobe=32 (repeatable)")
-    retrieval.add_argument("--ensembles", help="JSON/YAML file of named ensembles (weighted "
-                           "concatenation, cascade): experiments/ensembles.py load_registry")
-    retrieval.add_argument("--tls-cert", **opt)
-    retrieval.add_argument("--tls-key", **opt)
-    retrieval.add_argument("--tls-client-ca", **opt,
-                           help="require client certificates signed by this CA")
+        description="Every path takes a URI (local or gs://).")
+    config.add_arguments(retrieval, ServeConfig)
     retrieval.set_defaults(func=_serve_retrieval)
 
     query = subparsers.add_parser("query", help="ask the retrieval service and print a table")
-    query.add_argument("query", nargs="?", default="",
-                       help="query text (may be empty with --searcher)")
-    query.add_argument("--address", default="localhost:8600")
-    query.add_argument("-k", type=int, default=10)
-    query.add_argument("--filter", default="", help="e.g. 'city:seattle AND NOT type:group'")
-    query.add_argument("--radius", type=float)
-    query.add_argument("--backend", default="")
-    query.add_argument("--ensemble", default="")
-    query.add_argument("--searcher", help="searcher id")
-    query.add_argument("--searchers",
-                       help="searchers.jsonl[.gz] (any URI) to fill the searcher's features from")
-    query.add_argument("--city")
-    query.add_argument("--region")
-    query.add_argument("--country")
-    query.add_argument("--language")
-    query.add_argument("--attribute", action="append", default=[], help="key:value (repeatable)")
-    query.add_argument("--friend", action="append", default=[])
-    query.add_argument("--history", action="append", default=[], help="clicked doc id (repeatable)")
-    query.add_argument("--timeout", type=float, default=10.0)
-    query.add_argument("--tls-ca", help="CA certificate of a TLS retrieval service (any URI)")
-    query.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    config.add_arguments(query, QueryConfig)
     query.set_defaults(func=_query)
 
 
-def _missing(error: Exception) -> int:
-    raise ValueError(f"the model server is not available: {error}")
+def _serve_model(args) -> int:
+    cfg = config.from_args(ModelServerConfig, args)
+    config.announce("serve model", cfg)
+    from serving.model_server.server import run
 
-
-def _parse_params(items: list[str]) -> dict | None:
-    params = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--search-param {item!r} is not KEY=VALUE")
-        key, value = item.split("=", 1)
-        try:
-            params[key] = json.loads(value)
-        except json.JSONDecodeError:
-            params[key] = value
-    return params or None
-
-
-def serve_config(args):
-    """ServeConfig from the parsed `ebr serve retrieval` options (those given; the rest keep
-    ServeConfig's defaults)."""
-    import dataclasses
-
-    from serving.retrieval_service import ServeConfig
-
-    names = {f.name for f in dataclasses.fields(ServeConfig)}
-    given = {k: v for k, v in vars(args).items() if k in names}
-    if "search_params" in given:
-        given["search_params"] = _parse_params(given["search_params"])
-    return ServeConfig(**given)
+    return run(cfg)
 
 
 def _serve_retrieval(args) -> int:
     from ebr import jsonlog
-    from serving.retrieval_service import serve
 
     jsonlog.setup(logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
-    config = serve_config(args)
-    registry = None
-    if args.ensembles:
-        from experiments.ensembles import load_registry
+    cfg = config.from_args(ServeConfig, args)
+    config.announce("serve retrieval", cfg)
+    from serving.retrieval.server import serve
 
-        registry = load_registry(args.ensembles)
-    return serve(config, ensemble_registry=registry)
+    return serve(cfg)
 
 
 def _find_searcher(path: str, searcher_id: str) -> dict:
@@ -173,55 +107,53 @@ def _find_searcher(path: str, searcher_id: str) -> dict:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{lineno}: {e.msg}") from None
-        if record.get("searcher_id") == searcher_id:
+        if record.get(features.SEARCHER_ID) == searcher_id:
             return record
     raise KeyError(f"searcher {searcher_id!r} not found in {path}")
 
 
-def searcher_values(args) -> dict:
-    """Searcher features from the flags, on top of the searcher's record when --searchers is set."""
-    from ebr import features
+def searcher_values(cfg: QueryConfig) -> dict:
+    """Searcher features from the flags, on top of the searcher's record when --searchers is set.
+
+    Keys: SearcherFeatures field names for what the flags set, feature names for what comes
+    from the record (`serving.retrieval.client.searcher_proto` takes both)."""
+    from serving.retrieval.validation import SEARCHER_INPUTS  # proto field -> feature name
 
     values: dict = {}
-    if args.searchers:
-        if not args.searcher:
+    if cfg.searchers:
+        if not cfg.searcher:
             raise ValueError("--searchers needs --searcher ID")
-        record = _find_searcher(args.searchers, args.searcher)
-        values = features.query_values("", record, args.history)
-        values.pop(features.features(features.QUERY, [features.TEXT])[0].name)
-    elif args.searcher:
-        values["searcher_id"] = args.searcher
-    for field in ("city", "region", "country", "language"):
-        if getattr(args, field):
-            values[field] = getattr(args, field)
-    for field, flag in (("attributes", args.attribute), ("friends", args.friend),
-                        ("history_doc_ids", args.history)):
-        if flag:
-            values[field] = flag
-    # Flags win over the record: drop the record's prefixed key when the flag set the field.
-    for field in list(values):
-        if not field.startswith("searcher_") and f"searcher_{field}" in values:
-            del values[f"searcher_{field}"]
+        record = _find_searcher(cfg.searchers, cfg.searcher)
+        values = features.query_values("", record, cfg.history_doc_ids)
+        values.pop(features.QUERY_TEXT)
+    elif cfg.searcher:
+        values[features.SEARCHER_ID] = cfg.searcher
+    for field, name in SEARCHER_INPUTS.items():
+        value = getattr(cfg, field, None)  # QueryConfig fields are named as the proto's
+        if value:
+            values[field] = value
+            if name != field:  # the flag wins over the record's feature
+                values.pop(name, None)
     return values
 
 
 def _query(args) -> int:
     import grpc
 
-    from serving.retrieval_client import RetrievalClient, format_table
+    from serving.retrieval.client import RetrievalClient, format_table
 
-    with RetrievalClient(args.address, tls_ca=args.tls_ca, timeout=args.timeout) as client:
+    cfg = config.from_args(QueryConfig, args)
+    config.announce("query", cfg)
+    with RetrievalClient(cfg.address, tls_ca=cfg.tls_ca, timeout=cfg.timeout) as client:
         try:
-            result = client.retrieve(args.query, searcher=searcher_values(args), k=args.k,
-                                     filter=args.filter, radius=args.radius,
-                                     backend=args.backend, ensemble=args.ensemble)
+            result = client.retrieve(cfg.query, searcher=searcher_values(cfg), k=cfg.k,
+                                     filter=cfg.filter, radius=cfg.radius,
+                                     backend=cfg.backend, ensemble=cfg.ensemble)
         except grpc.RpcError as e:
             print(f"ebr query: {e.code().name}: {e.details()}")
             return 1
-    if args.json:
-        import dataclasses
-
+    if cfg.json:
         print(json.dumps(dataclasses.asdict(result)))
     else:
-        print(format_table(args.query, result))
+        print(format_table(cfg.query, result))
     return 0

@@ -162,7 +162,7 @@ def start_cli_server(args: list[str], log_path: Path) -> subprocess.Popen:
 
 def wait_serving(address: str, proc: subprocess.Popen | None = None, timeout: float = 90.0,
                  log_path: Path | None = None) -> None:
-    from serving.retrieval_client import RetrievalClient
+    from serving.retrieval.client import RetrievalClient
 
     deadline = time.monotonic() + timeout
     with RetrievalClient(address) as client:

@@ -8,7 +8,7 @@ from ebr.cli import main
 def test_demo_runs_every_stage_and_answers_queries(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--documents", "800", "--sessions", "4000",
-                 "--set", "epochs=1"]) == 0
+                 "--train", "epochs=1"]) == 0
     printed = capsys.readouterr().out
     for stage in ("examples pipeline", "train and export", "embed the corpus", "build the ANN index",
                   "filtered query"):
@@ -32,7 +32,7 @@ def test_demo_on_the_bucket_leaves_every_artifact_there_and_serves_from_it(tmp_p
     from ebr import artifacts, storage
 
     proc = subprocess.run([sys.executable, "-m", "ebr.cli", "demo", "--out", gcs_root,
-                           "--documents", "600", "--sessions", "3000", "--set", "epochs=1"],
+                           "--documents", "600", "--sessions", "3000", "--train", "epochs=1"],
                           cwd=tmp_path, env=gcs_env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("(model v1, index v1 faiss") == 5

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from beam_pipelines import embed, examples, split, tfrecords
+from beam_pipelines.config import EmbedConfig, ExamplesConfig
 from ebr import artifacts, cli, features, storage
 from test_examples_pipeline import _kill_mid_publish, read_examples
 
@@ -25,7 +26,6 @@ def _tiny_model_dir(model_dir: str, corpus_docs: list[dict], queries: list[dict]
     import tensorflow as tf
 
     from ebr import config as ebr_config
-    from serving.embedder import build_inputs
     from trainer.config import TrainConfig
     from trainer.export import export_towers
     from trainer.model import UnifiedEmbeddingModel
@@ -38,7 +38,8 @@ def _tiny_model_dir(model_dir: str, corpus_docs: list[dict], queries: list[dict]
     model = UnifiedEmbeddingModel(cfg, corpus_size=len(corpus_docs))
     docs = {k: tf.constant(v, tf.string) for k, v in embed.doc_inputs(corpus_docs[:4]).items()}
     model.doc_tower(docs)
-    qs = {k: tf.constant(v, tf.string) for k, v in build_inputs(queries[:4]).items()}
+    qs = {k: tf.constant(v, tf.string)
+          for k, v in features.tower_inputs(queries[:4], features.QUERY_INPUTS).items()}
     model.query_tower(qs)
     return export_towers(model, model_dir, 1)["doc_tower"]
 
@@ -66,7 +67,7 @@ def embedded(tmp_path_factory):
     base = tmp_path_factory.mktemp("embed")
     generate_social(base / "raw", documents=150, sessions=200, seed=3, progress=False)
     out = str(base / "out")
-    examples.run(examples.ExamplesConfig(str(base / "raw"), out, split.SplitConfig()))
+    examples.run(ExamplesConfig(str(base / "raw"), out, split.SplitConfig()))
     docs = _corpus_docs(artifacts.resolve(out, "examples"))
     queries = [{"query": "john", "searcher_id": "u1", "searcher_friends": ["u2", "u3"]},
                {"query": "", "history_doc_ids": ["p1"]}]
@@ -212,8 +213,8 @@ def test_embed_on_gcs(embedded, gcs_root):
     ex = storage.join(gcs_root, "examples")
     artifacts.publish_dir(artifacts.resolve(str(base / "out"), "examples"), ex, version=1)
     emb = storage.join(gcs_root, "emb")
-    summary = embed.run(embed.EmbedConfig(model=model, corpus=ex, output=emb, batch_size=64,
-                                          num_shards=1))
+    summary = embed.run(EmbedConfig(model=model, corpus=ex, output=emb, batch_size=64,
+                                    num_shards=1))
     assert summary["output"] == f"{emb}/1" and summary["examples"] == f"{ex}/1"
     artifacts.verify(f"{emb}/1")
     ids, X, terms, meta = read_embeddings(emb)

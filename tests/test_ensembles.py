@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 from tower_fixtures import write_hashed_query_tower
 
-from experiments import ensembles as ens
+from ebr import features
+from experiments.ensembles import Cascade
+from serving.retrieval import ensembles as ens
 
 
 def rand(rng, n, d):
@@ -61,7 +63,7 @@ def test_cascade_keeps_top_k_of_first_stage_by_unified_score():
         ranked = sorted(text_scores, key=lambda k: -text_scores[k])[:n]
         return [ranked for _ in range(len(queries))]
 
-    cascade = ens.Cascade(first_stage, table, n=3)  # text top-3: b, c, e (d and a dropped)
+    cascade = Cascade(first_stage, table, n=3)  # text top-3: b, c, e (d and a dropped)
     ids, scores = cascade.search(np.ones((2, 1)), np.array([[1.0, 0.0], [3.0, 0.0]]), k=2)
     assert ids == [["b", "c"], ["b", "c"]]  # "d" would win on unified score but was not retrieved
     np.testing.assert_allclose(scores[0], np.cos([0.5, 1.0]), atol=1e-6)
@@ -89,13 +91,13 @@ def towers(tmp_path_factory):
     return root, _tower(root / "text", 8, 0), _tower(root / "unified", 4, 1)
 
 
-QUERIES = [{"query": "jon smith"}, {"query": "ann lee"}, {"query": "bob"}]
+QUERIES = [{features.QUERY_TEXT: q} for q in ("jon smith", "ann lee", "bob")]
 
 
 def test_exported_weighted_concat_tower(towers, tmp_path):
     import json
 
-    from serving.embedder import LocalEncoder, build_inputs
+    from serving.retrieval.embedder import LocalEncoder, build_inputs
 
     _, a, b = towers
     from ebr import artifacts
@@ -127,8 +129,8 @@ def test_registry_entries_for_the_retrieval_service(towers, tmp_path):
 
     from index import build_index
     from index.embeddings import write_embeddings
-    from serving.embedder import LocalEncoder, build_inputs
-    from serving.retrieval_service import EnsembleCall
+    from serving.retrieval.embedder import LocalEncoder, build_inputs
+    from serving.retrieval.ensembles import EnsembleCall
 
     _, a, b = towers
     rng = np.random.default_rng(7)

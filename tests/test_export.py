@@ -58,7 +58,8 @@ def exported(tmp_path_factory):
 def _inputs(data_dir, n=12):
     vdir = artifacts.resolve(data_dir, "examples")
     batch = next(iter(data.make_dataset(os.path.join(vdir, "eval/*.tfrecord.gz"), n, shuffle=False)))
-    batch["query"] = tf.concat([batch["query"][:-1], tf.constant([""])], 0)  # empty text too
+    text = batch[features.QUERY_TEXT]
+    batch[features.QUERY_TEXT] = tf.concat([text[:-1], tf.constant([""])], 0)  # empty text too
     return batch
 
 
@@ -149,7 +150,7 @@ def test_load_tower_checks_and_matches(exported, tmp_path):
     np.testing.assert_allclose(load_tower(paths["doc_tower"])(lists),
                                model.doc_tower(model.doc_tower.select(batch)).numpy(), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="missing input"):
-        q({"query": ["x"]})
+        q({features.QUERY_TEXT: ["x"]})
     broken = tmp_path / "query_tower" / "3"
     shutil.copytree(paths["query_tower"], broken)
     meta = json.loads((broken / "ebr_metadata.json").read_text())
@@ -185,6 +186,8 @@ def test_evaluate_from_exports_matches_in_memory_model(exported, tmp_path):
         assert from_export["protocols"][protocol] == pytest.approx(values, abs=1.01 / in_memory["examples"])
     assert from_export["query_tower"] == paths["query_tower"] and from_export["doc_tower"] == paths["doc_tower"]
     assert from_export["split"]["method"] == "hash" and from_export["examples"] == in_memory["examples"]
+    saved = json.loads((tmp_path / "eval.config.json").read_text())  # the command's configuration
+    assert saved["ks"] == [1, 5, 10] and saved["model"] == paths["query_tower"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,7 +238,7 @@ def test_kill9_mid_publish_keeps_previous_pair_and_next_export_cleans(exported, 
     """Killed between the doc tower's commit and the query tower's ("commit"), or while the
     query tower uploads, its variables there and saved_model.pb next ("upload"): both towers still resolve to version 1 for every reader,
     the model server loads only version 1, and the next export removes the leftovers."""
-    from serving.model_registry import ModelRegistry
+    from serving.model_server.registry import ModelRegistry
 
     model, _, data_dir, *_ = exported
     model_dir = tmp_path / "models"
@@ -292,7 +295,7 @@ def test_kill9_mid_publish_keeps_previous_pair_and_next_export_cleans(exported, 
 def test_export_and_load_on_gcs(exported, gcs_root):
     """Towers published into Cloud Storage (the emulator) and read back from gs:// by the
     checked loader, the resolver and the model server's registry."""
-    from serving.model_registry import ModelRegistry
+    from serving.model_server.registry import ModelRegistry
 
     model, local_paths, data_dir, *_ = exported
     model_dir = f"{gcs_root}/models"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from index_fixtures import DIM, brute_force, corpus
+from index_fixtures import brute_force, corpus
 from index.evaluation import ivf_stats_scanned, range_recall, recall_at_k
 from index.exact import ExactBackend
 from index.filters import AttributeIndex, FilterSyntaxError, Selection, compile_filter, matches, parse

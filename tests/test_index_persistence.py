@@ -17,7 +17,7 @@ from index_fixtures import corpus
 from ebr import artifacts, storage
 from index import build_index, open_index, persistence
 from index.embeddings import read_embeddings, write_embeddings
-from index.errors import (CorruptIndexFile, DimensionMismatch, EmbeddingsError, IndexError_,
+from index.errors import (CorruptIndexFile, DimensionMismatch, EmbeddingsError, IndexDataError,
                           ModelMismatch, UncommittedIndex)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -168,7 +168,7 @@ def test_uncommitted_version_is_never_listed_or_opened(built, tmp_path, capsys):
 
     # Only uncommitted directories: no index at all.
     shutil.rmtree(base / "1")
-    with pytest.raises(IndexError_, match="no committed index version"):
+    with pytest.raises(IndexDataError, match="no committed index version"):
         open_index(base)
 
 

@@ -198,8 +198,7 @@ def parse_trainer_args(args: list[str]):
 
     parser = argparse.ArgumentParser()
     task.add_arguments(parser)
-    known, extra = parser.parse_known_args(args)
-    return task.config_from_args(known, extra)
+    return task.config_from_args(parser.parse_args(args))
 
 
 def test_tfjob_follows_kubeflow_conventions():

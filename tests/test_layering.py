@@ -1,4 +1,4 @@
-"""Imports run only downstream in the data flow (DEVELOPERS.md, "Style"; README's stage table).
+"""Imports run only downstream in the data flow (DEVELOPERS.md, "Layering").
 
 Every import in the project's packages, lazy ones inside functions included, is read from the
 source and must name a module of its own layer or of a layer before it:

@@ -13,7 +13,8 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from trainer import negatives as neg
-from trainer.losses import MIN_FLOAT, LossConfig, RetrievalLoss
+from trainer.config import LossConfig
+from trainer.losses import MIN_FLOAT, RetrievalLoss
 
 B, D, CORPUS = 6, 4, 40
 ROOT = Path(__file__).resolve().parents[1]
@@ -284,7 +285,8 @@ _DIST_SCRIPT = textwrap.dedent("""
     import ebr, numpy as np, tensorflow as tf
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    from trainer.losses import LossConfig, RetrievalLoss
+    from trainer.config import LossConfig
+    from trainer.losses import RetrievalLoss
 
     B, D, M, C = 4, 8, 2, 50
     rng = np.random.default_rng(3)

@@ -150,8 +150,10 @@ def mining_setup(tmp_path_factory):
 
 
 def test_mine_negatives_pipeline_window_exclusions_and_ratio(mining_setup):
-    from beam_pipelines.mine_negatives import MineConfig, run
-    from serving.embedder import LocalEncoder, build_inputs
+    from beam_pipelines.mine_negatives import run
+    from beam_pipelines.mining import MineConfig
+    from serving.retrieval.embedder import LocalEncoder, build_inputs
+    from ebr import config
 
     root, examples, X, doc_ids = mining_setup
     cfg = MineConfig(examples=str(root / "examples"), model=str(root / "model" / "query_tower"),
@@ -193,6 +195,8 @@ def test_mine_negatives_pipeline_window_exclusions_and_ratio(mining_setup):
     assert os.path.exists(os.path.join(mined, "split.json"))
     assert os.path.exists(os.path.join(mined, "doc_frequencies-00000-of-00001.tsv"))
     assert json.load(open(os.path.join(mined, "mining.json")))["counts"] == summary["counts"]
+    saved = config.read_file(os.path.join(mined, config.CONFIG_FILE))
+    assert config.from_dict(MineConfig, saved) == cfg
     artifacts.verify(mined)
     assert summary["hard_fraction"] == 0.5 and summary["model_version"] == 1
 
@@ -206,7 +210,8 @@ def test_mine_negatives_pipeline_window_exclusions_and_ratio(mining_setup):
 
 
 def test_mine_negatives_refuses_a_mismatched_index(mining_setup, tmp_path):
-    from beam_pipelines.mine_negatives import MineConfig, run
+    from beam_pipelines.mine_negatives import run
+    from beam_pipelines.mining import MineConfig
     from index import build_index
     from index.embeddings import write_embeddings
 
@@ -219,4 +224,36 @@ def test_mine_negatives_refuses_a_mismatched_index(mining_setup, tmp_path):
         run(cfg)
     with pytest.raises(FileNotFoundError, match="no training examples"):
         run(MineConfig(examples=str(tmp_path), model=cfg.model, index=cfg.index, output=cfg.output))
+    assert not (tmp_path / "out").exists()
+
+
+def test_mine_negatives_flags_come_from_mine_config(tmp_path):
+    """`ebr mine-negatives` flags are MineConfig's fields; the window and the mix are set in its
+    `mining` section; a missing path is one error line naming the flag."""
+    import argparse
+
+    from beam_pipelines import cli as pipeline_cli
+    from beam_pipelines.mining import MineConfig
+    from ebr import cli, config
+
+    parser = argparse.ArgumentParser()
+    pipeline_cli.register(parser.add_subparsers())
+    args = parser.parse_args([
+        "mine-negatives", "--examples", "EX", "--model", "M", "--index", "I", "--output", "O",
+        "--batch-size", "16", "--search-params", "nprobe=64", "--set", "mining.window_start=11",
+        "--set", "mining.window_end=60", "--set", "mining.ratio=1:1", "--", "--runner=X"])
+    assert config.from_args(MineConfig, args) == MineConfig(
+        examples="EX", model="M", index="I", output="O", batch_size=16,
+        search_params={"nprobe": 64},
+        mining=mining.MiningConfig(window_start=11, window_end=60, ratio="1:1"))
+    assert "--runner=X" in args.beam_args
+    with pytest.raises(ValueError, match="--index is required"):
+        config.from_args(MineConfig, parser.parse_args(
+            ["mine-negatives", "--examples", "EX", "--model", "M", "--output", "O"]))
+    with pytest.raises(ValueError, match="mining window"):
+        config.from_args(MineConfig, parser.parse_args(
+            ["mine-negatives", "--examples", "EX", "--model", "M", "--index", "I", "--output",
+             "O", "--set", "mining.window_start=600"]))
+    assert cli.main(["mine-negatives", "--examples", str(tmp_path), "--model", "M",
+                     "--output", str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out").exists()

@@ -37,8 +37,8 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
                                      predict_pb2, prediction_service_pb2_grpc, regression_pb2)
 
 from ebr import artifacts
-from serving.model_client import ModelClient, as_string_array
-from serving.model_server import start_model_server
+from serving.model_server.client import ModelClient, as_string_array
+from serving.model_server.server import start_model_server
 
 REPO = Path(__file__).resolve().parents[1]
 C = grpc.StatusCode

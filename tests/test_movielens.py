@@ -135,6 +135,8 @@ def test_cli_movielens(grouplens, tmp_path, capsys):
     out = tmp_path / "cli"
     assert cli.main(["data", "movielens", "--out", str(out), "--source", str(grouplens)]) == 0
     assert json.loads(capsys.readouterr().out)["sessions"] == 4
+    assert json.loads((out / "config.json").read_text()) == {
+        "source": str(grouplens), "cache_dir": "~/.cache/ebr/recbole", "gzip": False}
 
 
 def test_real_movielens_100k(tmp_path):

@@ -5,7 +5,6 @@ negatives/positives, mined negatives) on the run's own artifacts: committed exam
 Storage emulator (tests/gcs_emulator.py)."""
 import json
 import math
-import os
 import re
 
 import pytest

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -26,7 +27,8 @@ def stack(tmp_path_factory):
 
 
 def start(stack_or_index, model=None, **kw):
-    from serving.retrieval_service import RetrievalServer, ServeConfig
+    from serving.retrieval.config import ServeConfig
+    from serving.retrieval.server import RetrievalServer
 
     is_stack = hasattr(stack_or_index, "index_base")
     index_path = str(stack_or_index.index_base if is_stack else stack_or_index)
@@ -46,7 +48,7 @@ def server(stack):
 
 @pytest.fixture(scope="module")
 def client(server):
-    from serving.retrieval_client import RetrievalClient
+    from serving.retrieval.client import RetrievalClient
 
     with RetrievalClient(f"127.0.0.1:{server.port}") as c:
         yield c
@@ -56,8 +58,9 @@ def test_generated_code_is_current(tmp_path):
     subprocess.run([sys.executable, str(REPO / "serving/protos/generate.py"), str(tmp_path)],
                    check=True, capture_output=True)
     for name in ("retrieval_pb2.py", "retrieval_pb2_grpc.py"):
-        assert filecmp.cmp(tmp_path / "serving" / name, REPO / "serving" / name, shallow=False), (
-            f"serving/{name} is stale: run `python serving/protos/generate.py`")
+        generated = Path("serving", "retrieval", name)
+        assert filecmp.cmp(tmp_path / generated, REPO / generated, shallow=False), (
+            f"{generated} is stale: run `python serving/protos/generate.py`")
 
 
 def test_retrieve_answers_from_the_pair(stack, client):
@@ -76,7 +79,7 @@ def test_retrieve_answers_from_the_pair(stack, client):
     assert r.latency_micros["total"] >= r.latency_micros["embed"] > 0
 
     # The same vector computed in-process scores the same documents (no reordering on the wire).
-    from serving.embedder import LocalModelSource, build_inputs
+    from serving.retrieval.embedder import LocalModelSource, build_inputs
     import index
 
     vec = LocalModelSource(stack.query_tower).open(1).embed(
@@ -187,7 +190,7 @@ def test_generated_bytes_never_crash_the_server(server, blob):
 
 
 def test_health_is_serving_only_with_model_and_index(stack, tmp_path):
-    from serving.retrieval_client import RetrievalClient
+    from serving.retrieval.client import RetrievalClient
 
     empty_base = tmp_path / "index"
     empty_base.mkdir()
@@ -215,8 +218,8 @@ def test_health_is_serving_only_with_model_and_index(stack, tmp_path):
 
 
 def test_model_index_mismatch_refused_at_start_and_on_reload(stack, tmp_path):
-    from serving.retrieval_client import RetrievalClient
-    from serving.retrieval_service import ModelIndexMismatch
+    from serving.retrieval.client import RetrievalClient
+    from serving.retrieval.pairs import ModelIndexMismatch
 
     base = tmp_path / "index"
     base.mkdir()
@@ -245,7 +248,7 @@ def test_model_index_mismatch_refused_at_start_and_on_reload(stack, tmp_path):
 def test_in_process_model_swaps_with_its_index(stack, tmp_path):
     """Local mode: a new index naming a new model version loads that model in-process, then
     both switch together."""
-    from serving.retrieval_client import RetrievalClient
+    from serving.retrieval.client import RetrievalClient
 
     fork = stack.fork(tmp_path)
     fork.republish_model(1, as_version=2)  # v1's weights as v2 (artifacts.publish_towers)
@@ -277,7 +280,7 @@ def test_deadline_is_honoured(client, server):
 
 
 def test_saturation_answers_resource_exhausted(stack):
-    from serving.retrieval_client import RetrievalClient, make_request
+    from serving.retrieval.client import RetrievalClient, make_request
 
     srv = start(stack, workers=1, max_queue=0)
     try:
@@ -320,7 +323,7 @@ def _self_signed(tmp_path):
 
 
 def test_tls(stack, tmp_path):
-    from serving.retrieval_client import RetrievalClient
+    from serving.retrieval.client import RetrievalClient
 
     cert, key = _self_signed(tmp_path)
     srv = start(stack, tls_cert=cert, tls_key=key)
@@ -336,8 +339,8 @@ def test_tls(stack, tmp_path):
 
 
 def test_tls_to_the_model_server(stack, tmp_path):
-    from serving.model_server import start_model_server
-    from serving.retrieval_client import RetrievalClient
+    from serving.model_server.server import start_model_server
+    from serving.retrieval.client import RetrievalClient
 
     cert, key = _self_signed(tmp_path)
     ms = start_model_server(stack.model_dir, 0, tls_cert=cert, tls_key=key)
@@ -355,8 +358,8 @@ def test_tls_to_the_model_server(stack, tmp_path):
 
 def test_remote_model_over_prediction_service(stack):
     """Embedding through TF Serving's API (our model server): same answers as in-process."""
-    from serving.model_server import start_model_server
-    from serving.retrieval_client import RetrievalClient
+    from serving.model_server.server import start_model_server
+    from serving.retrieval.client import RetrievalClient
 
     ms = start_model_server(stack.model_dir, 0, num_versions=2, poll_seconds=0.2)
     try:
@@ -387,8 +390,10 @@ def test_remote_model_over_prediction_service(stack):
 
 
 def test_ensemble_hook(stack):
-    from serving.retrieval_client import RetrievalClient
-    from serving.retrieval_service import EnsembleResult, RetrievalServer, ServeConfig
+    from serving.retrieval.client import RetrievalClient
+    from serving.retrieval.config import ServeConfig
+    from serving.retrieval.ensembles import EnsembleResult
+    from serving.retrieval.server import RetrievalServer
 
     def reverse(call):  # a real search through the pair, re-ranked: exercises the plumbing
         if call.k > 50:
@@ -418,15 +423,16 @@ def test_ensemble_hook(stack):
 def test_ebr_query_prints_a_table(server, stack, capsys, tmp_path):
     import json
 
+    from ebr import config
     from ebr.cli import main
-    from serving.cli import searcher_values
+    from serving.cli import QueryConfig, searcher_values
 
     searchers = tmp_path / "searchers.jsonl"
     searchers.write_text("".join(json.dumps(s) + "\n" for s in stack.searchers))
     parser = __import__("ebr.cli", fromlist=["build_parser"]).build_parser()
     args = parser.parse_args(["query", "club", "--searcher", "s3", "--searchers", str(searchers),
                               "--city", "lima", "--history", "d1"])
-    values = searcher_values(args)
+    values = searcher_values(config.from_args(QueryConfig, args))
     assert values["searcher_id"] == "s3" and values["city"] == "lima"
     assert "searcher_city" not in values and values["history_doc_ids"] == ["d1"]
     assert values["searcher_friends"] == stack.searchers[3]["friends"]
@@ -449,7 +455,7 @@ def test_direct_tower_call_equals_the_checked_call(stack):
     must give what the checked structured call gives, MULTI padding included."""
     import numpy as np
 
-    from serving.embedder import LocalModelSource, build_inputs
+    from serving.retrieval.embedder import LocalModelSource, build_inputs
 
     encoder = LocalModelSource(stack.query_tower).open(1)
     assert encoder._flat_order is not None  # the fast path is the one being compared
@@ -470,9 +476,9 @@ def test_batched_retrievals_equal_single_ones(stack):
 
     import index
     from index.filters import FilterSyntaxError
-    from serving.embedder import LocalModelSource, build_inputs
-    from serving.retrieval_service import (DeadlineExpired, Pair, RetrieveBatcher, _Job,
-                                           run_batch)
+    from serving.retrieval.batching import DeadlineExpired, RetrieveBatcher, _Job, run_batch
+    from serving.retrieval.embedder import LocalModelSource, build_inputs
+    from serving.retrieval.pairs import Pair
 
     encoder = LocalModelSource(stack.query_tower).open(1)
     searcher = index.open_index(str(stack.index_base))
@@ -518,7 +524,7 @@ def test_batched_retrievals_equal_single_ones(stack):
 def test_requests_in_flight_do_not_need_a_thread_each(stack):
     """On the asyncio server a waiting request holds no worker thread: with one worker, 16
     concurrent requests are all answered, and answered in shared batches."""
-    from serving.retrieval_client import RetrievalClient, make_request
+    from serving.retrieval.client import RetrievalClient, make_request
 
     srv = start(stack, workers=1, max_queue=15, embed_batch=32)
     try:
@@ -550,7 +556,7 @@ def test_corrupt_new_index_is_retried_with_backoff_and_the_pair_keeps_serving(st
     import threading
 
     from ebr import artifacts
-    from serving.retrieval_client import RetrievalClient
+    from serving.retrieval.client import RetrievalClient
 
     fork = stack.fork(tmp_path / "fork")
     staging = tmp_path / "staging"
@@ -560,7 +566,7 @@ def test_corrupt_new_index_is_retried_with_backoff_and_the_pair_keeps_serving(st
     data[len(data) // 2] ^= 0xFF  # same size: only the manifest's sha256 tells
     (staging / "filters.bin").write_bytes(bytes(data))
 
-    caplog.set_level(logging.ERROR, logger="serving.retrieval_service")
+    caplog.set_level(logging.ERROR, logger="serving.retrieval.pairs")
     srv = start(fork, retry_seconds=0.2, retry_max_seconds=0.8)
     answers, stop = [], threading.Event()
     try:
@@ -613,7 +619,7 @@ def test_index_and_model_on_object_storage(stack, gcs_root, tmp_path, monkeypatc
     cached copy, an uncommitted upload ignored, a new committed version swapped in."""
     from ebr import artifacts, storage
     from index import persistence
-    from serving.retrieval_client import RetrievalClient
+    from serving.retrieval.client import RetrievalClient
 
     monkeypatch.setenv(persistence.CACHE_ENV, str(tmp_path / "cache"))
     model_dir = f"{gcs_root}/models"
@@ -658,10 +664,10 @@ def test_storage_error_while_listing_is_logged_and_the_pair_keeps_serving(stack,
     import logging
     import os
 
-    from serving.retrieval_client import RetrievalClient
+    from serving.retrieval.client import RetrievalClient
 
     fork = stack.fork(tmp_path / "fork")
-    caplog.set_level(logging.WARNING, logger="serving.retrieval_service")
+    caplog.set_level(logging.WARNING, logger="serving.retrieval.pairs")
     srv = start(fork)
     bad = os.path.join(os.fsencode(fork.index_base), b"\xff")
     try:

@@ -28,7 +28,7 @@ def _start_hammers(address: str, n: int):
 
 
 def _hammer(address: str, stop: threading.Event, out: list, errors: list, pause: float = 0.0):
-    from serving.retrieval_client import RetrievalClient
+    from serving.retrieval.client import RetrievalClient
 
     with RetrievalClient(address) as c:
         i = 0
@@ -44,8 +44,9 @@ def _hammer(address: str, stop: threading.Event, out: list, errors: list, pause:
 
 
 def test_publish_model_and_index_under_load(tmp_path_factory):
-    from serving.model_server import start_model_server
-    from serving.retrieval_service import RetrievalServer, ServeConfig
+    from serving.model_server.server import start_model_server
+    from serving.retrieval.config import ServeConfig
+    from serving.retrieval.server import RetrievalServer
 
     stack = shared_stack(tmp_path_factory).fork(tmp_path_factory.mktemp("load"))
     # Two versions stay loaded (TF Serving's `latest {num_versions: 2}`) so the retrieval
@@ -131,7 +132,7 @@ def test_kill_9_mid_load_then_restart_and_drain_on_sigterm(tmp_path_factory, tmp
         time.sleep(1.5)
         sigterm = time.monotonic()
         second.send_signal(signal.SIGTERM)
-        from serving.retrieval_client import RetrievalClient
+        from serving.retrieval.client import RetrievalClient
 
         with RetrievalClient(address) as probe:  # readiness drops while requests still succeed
             while probe.health() == "SERVING":

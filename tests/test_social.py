@@ -247,6 +247,8 @@ def test_cli(tmp_path, capsys):
     assert summary["sessions"] == 300 and summary["searchers"] == 350
     meta = json.loads((out / "generator.json").read_text())
     assert meta["parameters"]["clicks"]["intent"] == 5.0 and meta["parameters"]["searchers"] == 350
+    saved = json.loads((out / "config.json").read_text())  # the command's settings, not --out
+    assert saved == meta["parameters"]
     assert cli.main(["data", "social", "--out", str(out), "--documents", "5"]) == 2  # clear error
 
 

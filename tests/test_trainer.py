@@ -87,20 +87,20 @@ def _query_inputs(batch):
 def test_towers_share_schema_tables_and_normalise(dataset):
     config = tfx.tiny_config(dataset, "/unused")
     q, d = build_towers(config)
-    assert q.tables["searcher_friends"] is d.tables["doc_members"]  # the "entity" table
-    assert q.tables["history_doc_ids"] is d.tables["doc_id"]
-    assert q.tables["searcher_city"] is d.tables["doc_city"]
+    assert q.tables[features.SEARCHER_FRIENDS] is d.tables[features.DOC_MEMBERS]  # the "entity" table
+    assert q.tables[features.HISTORY_DOC_IDS] is d.tables[features.DOC_ID]
+    assert q.tables[features.SEARCHER_CITY] is d.tables[features.DOC_CITY]
     assert q.text is d.text
-    assert q.tables["searcher_attributes"] is not d.tables["doc_attributes"]
+    assert q.tables[features.SEARCHER_ATTRIBUTES] is not d.tables[features.DOC_ATTRIBUTES]
     batch = _batch(dataset)
     qe, de = q(q.select(batch)).numpy(), d(d.select(batch)).numpy()
     assert qe.shape == (8, 16) and de.shape == (8, 16)
     np.testing.assert_allclose(np.linalg.norm(qe, axis=1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(de, axis=1), 1.0, rtol=1e-5)
     # The same entity lands on the same row from both sides.
-    ent = q.tables["searcher_friends"]
+    ent = q.tables[features.SEARCHER_FRIENDS]
     a, _ = ent(tf.constant([["p17"]]))
-    b, _ = d.tables["doc_members"](tf.constant([["p17"]]))
+    b, _ = d.tables[features.DOC_MEMBERS](tf.constant([["p17"]]))
     np.testing.assert_array_equal(a.numpy(), b.numpy())
     q2, d2 = build_towers(tfx.tiny_config(dataset, "/unused", "share_text_tables=false"))
     assert q2.text is not d2.text
@@ -110,12 +110,12 @@ def test_tower_features_embed_only_the_listed_inputs(dataset):
     # The paper's text-only baseline: the towers still take every schema input (one serving
     # signature for all models) but embed only the query text and the document text.
     q, d = build_towers(tfx.tiny_config(dataset, "/unused", "tower_features=query,doc_text"))
-    assert q.feature_names == ("query",) and d.feature_names == ("doc_text",)
+    assert q.feature_names == (features.QUERY_TEXT,) and d.feature_names == (features.DOC_TEXT,)
     assert q.input_names == features.QUERY_INPUTS and d.input_names == features.DOC_INPUTS
     batch = _batch(dataset, 4)
     changed = dict(batch)
     for name in features.QUERY_INPUTS + features.DOC_INPUTS:
-        if name not in ("query", "doc_text"):
+        if name not in (features.QUERY_TEXT, features.DOC_TEXT):
             changed[name] = tf.fill(tf.shape(batch[name]), "zz")
     np.testing.assert_array_equal(q(q.select(batch)).numpy(), q(q.select(changed)).numpy())
     np.testing.assert_array_equal(d(d.select(batch)).numpy(), d(d.select(changed)).numpy())
@@ -132,9 +132,9 @@ def test_tower_features_embed_only_the_listed_inputs(dataset):
 def test_empty_query_text_and_empty_multi_values_work(dataset):
     q, _ = build_towers(tfx.tiny_config(dataset, "/unused"))
     batch = _query_inputs(_batch(dataset, 4))
-    batch["query"] = tf.constant(["", "", " ", ""])
-    batch["history_doc_ids"] = tf.fill([4, 3], "")
-    batch["searcher_friends"] = tf.fill([4, 1], "")
+    batch[features.QUERY_TEXT] = tf.constant(["", "", " ", ""])
+    batch[features.HISTORY_DOC_IDS] = tf.fill([4, 3], "")
+    batch[features.SEARCHER_FRIENDS] = tf.fill([4, 1], "")
     out = q(batch).numpy()
     assert np.all(np.isfinite(out))
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
@@ -143,10 +143,10 @@ def test_empty_query_text_and_empty_multi_values_work(dataset):
 def test_history_attention_uses_query_text(dataset):
     q, _ = build_towers(tfx.tiny_config(dataset, "/unused"))
     batch = _query_inputs(_batch(dataset, 2))
-    batch["history_doc_ids"] = tf.constant([["d1", "d2", "d3"], ["d1", "d2", "d3"]])  # any strings
-    batch["query"] = tf.constant(["music club", "chess club"])
-    emb, mask = q.tables["history_doc_ids"](batch["history_doc_ids"])
-    text = q.text(batch["query"])
+    batch[features.HISTORY_DOC_IDS] = tf.constant([["d1", "d2", "d3"]] * 2)  # any strings
+    batch[features.QUERY_TEXT] = tf.constant(["music club", "chess club"])
+    emb, mask = q.tables[features.HISTORY_DOC_IDS](batch[features.HISTORY_DOC_IDS])
+    text = q.text(batch[features.QUERY_TEXT])
     pooled = q._attend(text, emb, mask).numpy()
     assert not np.allclose(pooled[0], pooled[1])  # same history, different query text
     no_history = q._attend(text, tf.zeros_like(emb), tf.zeros_like(mask)).numpy()
@@ -160,10 +160,12 @@ def test_parse_spec_comes_from_schema_and_multi_is_padded_dense(dataset):
     spec = data.parse_spec()
     assert set(spec) == {f.name for f in features.SCHEMA}
     batch = _batch(dataset, 16)
-    assert batch["searcher_friends"].dtype == tf.string and batch["searcher_friends"].shape.rank == 2
-    assert batch["query"].shape == (16,) and batch["doc_sampling_prob"].dtype == tf.float32
-    assert batch["negative_doc_ids"].shape[1] >= 1  # no negatives -> one "" column
-    assert float(tf.reduce_min(batch["doc_sampling_prob"])) > 0
+    friends = batch[features.SEARCHER_FRIENDS]
+    assert friends.dtype == tf.string and friends.shape.rank == 2
+    assert batch[features.QUERY_TEXT].shape == (16,)
+    assert batch[features.DOC_SAMPLING_PROB].dtype == tf.float32
+    assert batch[features.NEGATIVE_DOC_IDS].shape[1] >= 1  # no negatives -> one "" column
+    assert float(tf.reduce_min(batch[features.DOC_SAMPLING_PROB])) > 0
 
 
 def test_positive_rank_protocols():
@@ -192,7 +194,7 @@ def test_corrupt_tfrecord_error_names_the_file(dataset, tmp_path, capsys):
     odd = tmp_path / "odd.tfrecord.gz"
     with tf.io.TFRecordWriter(str(odd), options="GZIP") as w:
         for i in range(700):
-            w.write(features.make_example({"query": "q", "doc_id": f"d{i}"}))
+            w.write(features.make_example({features.QUERY_TEXT: "q", features.DOC_ID: f"d{i}"}))
         w.write(b"not an example")
     assert data.locate_bad_record([str(odd)]) == (
         f"{odd}: record 700: Could not parse example input, value: 'not an example'")
@@ -229,19 +231,21 @@ def test_extra_negatives_and_mixed_negatives_reach_the_loss(tmp_path):
     tfx.write_dataset(out, n_examples=200, negatives=3)
     corpus = load_corpus(os.path.join(_vdir(out), "corpus/*.tfrecord.gz"))
     batch = _batch(out, 16)
-    assert bool(tf.reduce_any(batch["negative_doc_ids"] != b""))
+    assert bool(tf.reduce_any(batch[features.NEGATIVE_DOC_IDS] != b""))
     extra = UnifiedEmbeddingModel(tfx.tiny_config(out, "/unused"), corpus, extra_negatives=True)
-    without = {k: v for k, v in batch.items() if k != "negative_doc_ids"}
+    without = {k: v for k, v in batch.items() if k != features.NEGATIVE_DOC_IDS}
     base = float(extra.compute_loss(without, training=False))
     with_extra = float(extra.compute_loss(batch, training=False))
     assert with_extra > base  # more negatives in every row's softmax
     # Unknown negative ids are padding: same loss as without them.
-    unknown = dict(batch, negative_doc_ids=tf.fill(tf.shape(batch["negative_doc_ids"]), "nope"))
+    negatives = batch[features.NEGATIVE_DOC_IDS]
+    unknown = {**batch, features.NEGATIVE_DOC_IDS: tf.fill(tf.shape(negatives), "nope")}
     np.testing.assert_allclose(float(extra.compute_loss(unknown, training=False)), base, rtol=1e-5)
     mixed = UnifiedEmbeddingModel(tfx.tiny_config(out, "/unused", "loss.mixed_negatives=8"), corpus)
     assert mixed.mixed_from_tower == 8
     q, p = mixed(without)
-    alone = float(mixed.loss_layer(q, p, batch["doc_id"], batch["doc_sampling_prob"], training=False))
+    alone = float(mixed.loss_layer(q, p, batch[features.DOC_ID], batch[features.DOC_SAMPLING_PROB],
+                                   training=False))
     assert float(mixed.compute_loss(without, training=False)) > alone
 
 
@@ -291,6 +295,44 @@ def test_training_learns_and_reports(trained, dataset):
     assert json.load(open(os.path.join(model_dir, f"train_result-{result['version']}.json")))["steps"] == result["steps"]
 
 
+def test_export_holds_the_resolved_configuration(trained):
+    result, model_dir, _ = trained
+    for path in result["exports"].values():
+        saved = json.load(open(os.path.join(path, "config.json")))
+        assert saved["epochs"] == 3 and saved["model_dir"] == model_dir
+        assert saved["checkpoint_dir"] == os.path.join(model_dir, "checkpoints")  # resolved
+        assert saved["loss"]["temperature"] == tfx.tiny_config("", "").loss.temperature
+
+
+def test_hypertune_file_is_the_runs_own_outside_vertex(monkeypatch, tmp_path):
+    """cloudml-hypertune's file: where Vertex reads it in a tuning trial, else beside the export."""
+    monkeypatch.delenv("CLOUD_ML_HP_METRIC_FILE", raising=False)
+    monkeypatch.delenv("CLOUD_ML_TRIAL_ID", raising=False)
+    model_dir = str(tmp_path / "m")
+    path = task.hypertune_path(model_dir, 3)
+    assert path == os.path.join(model_dir, "hypertune-3.metrics")
+    task.report_hypertune(path, "recall_at_100", 0.5, 10)
+    task.report_hypertune(path, "recall_at_100", 0.75, 20)
+    lines = [json.loads(line) for line in open(path)]
+    assert [(x["recall_at_100"], x["global_step"], x["trial"]) for x in lines] == [
+        ("0.5", "10", "0"), ("0.75", "20", "0")]
+    monkeypatch.setenv("CLOUD_ML_TRIAL_ID", "7")
+    assert task.hypertune_path(model_dir, 3) == "/tmp/hypertune/output.metrics"
+    monkeypatch.setenv("CLOUD_ML_HP_METRIC_FILE", str(tmp_path / "hp"))
+    assert task.hypertune_path(model_dir, 3) == str(tmp_path / "hp")
+
+
+def test_train_announces_its_configuration(tmp_path, caplog):
+    from ebr import cli
+
+    caplog.set_level("INFO", logger="ebr.config")
+    code = cli.main(["train", "--data-dir", str(tmp_path / "nowhere"), "--model-dir", str(tmp_path / "m")])
+    assert code == task.EXIT_BAD_INPUT
+    (line,) = [r.getMessage() for r in caplog.records if "ebr train configuration" in r.getMessage()]
+    announced = json.loads(line.split("configuration: ", 1)[1])
+    assert announced["epochs"] == 1 and announced["model_dir"] == str(tmp_path / "m")
+
+
 def test_cluster_spec_becomes_tf_config(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", "")  # recorded, so the TF_CONFIG written below is undone
     monkeypatch.delenv("TF_CONFIG")
@@ -321,8 +363,8 @@ def test_vertex_env_paths(monkeypatch, tmp_path):
     # Vertex hyperparameter tuning passes trial values as --name=value flags.
     parser = __import__("argparse").ArgumentParser()
     task.add_arguments(parser)
-    args, extra = parser.parse_known_args(["--data-dir", "/d", "--learning_rate=0.5", "--loss.temperature", "0.1"])
-    cfg = task.config_from_args(args, extra)
+    args = parser.parse_args(["--data-dir", "/d", "--learning-rate=0.5", "--set", "loss.temperature=0.1"])
+    cfg = task.config_from_args(args)
     assert (cfg.learning_rate, cfg.loss.temperature, cfg.data_dir) == (0.5, 0.1, "/d")
 
 

@@ -23,7 +23,7 @@ def write_hashed_query_tower(version_dir: Path, dim: int, seed: int, buckets: in
 
     @tf.function(input_signature=[spec])
     def serve(inputs):
-        rows = tf.strings.to_hash_bucket_fast(inputs["query"], buckets)
+        rows = tf.strings.to_hash_bucket_fast(inputs[features.QUERY_TEXT], buckets)
         return {"embedding": tf.math.l2_normalize(tf.gather(module.table, rows), axis=-1)}
 
     with tempfile.TemporaryDirectory(prefix="ebr-tower-") as staging:

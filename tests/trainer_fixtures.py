@@ -91,10 +91,11 @@ def write_dataset(out: str, *, n_docs: int = 120, n_searchers: int = 60, n_examp
     rows = {"train": [], "eval": []}
     for (sid, s, q, d, h, ts), part in zip(examples, split):
         values = {**features.query_values(q, s, h), **features.document_values(d),
-                  "session_id": sid, "timestamp": ts,
-                  "doc_sampling_prob": prob.get(d["doc_id"], 1.0 / total)}
+                  features.SESSION_ID: sid, features.TIMESTAMP: ts,
+                  features.DOC_SAMPLING_PROB: prob.get(d["doc_id"], 1.0 / total)}
         if negatives:
-            values["negative_doc_ids"] = [docs[rng.randrange(len(docs))]["doc_id"] for _ in range(negatives)]
+            values[features.NEGATIVE_DOC_IDS] = [docs[rng.randrange(len(docs))]["doc_id"]
+                                                 for _ in range(negatives)]
         rows[part].append(features.make_example(values))
     for part, recs in rows.items():
         for k in range(shards):

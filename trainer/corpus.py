@@ -34,7 +34,7 @@ class Corpus:
     @property
     def ids(self) -> tf.Tensor:
         """[N] doc ids as a string tensor (what `trainer.negatives.EmbeddingCache` reads)."""
-        return self.features["doc_id"]
+        return self.features[features.DOC_ID]
 
     def __len__(self) -> int:
         return len(self.doc_ids)
@@ -113,7 +113,7 @@ def load_corpus(pattern_or_files, batch_size: int = 8192) -> Corpus:
         for batch in ds:
             for name in features.DOC_INPUTS:
                 chunks[name].append(batch[name])
-    if not chunks["doc_id"]:
+    if not chunks[features.DOC_ID]:
         raise ValueError(f"corpus {pattern_or_files} holds no documents")
     feats = {}
     for name, parts in chunks.items():
@@ -121,7 +121,7 @@ def load_corpus(pattern_or_files, batch_size: int = 8192) -> Corpus:
             width = max(int(p.shape[1]) for p in parts)
             parts = [_pad_to(p, width) for p in parts]
         feats[name] = tf.concat(parts, axis=0)
-    ids = feats["doc_id"].numpy().astype(object)
+    ids = feats[features.DOC_ID].numpy().astype(object)
     ids = np.array([i.decode("utf-8") for i in ids], dtype=object)
     row_of: dict[str, int] = {}
     keep = []

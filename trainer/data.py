@@ -113,7 +113,7 @@ def _prefix_checker(spec: dict):
     @tf.function
     def count(path, k):
         ds = tf.data.TFRecordDataset(path, compression_type="GZIP").take(k).batch(512)
-        ds = ds.map(lambda b: tf.shape(tf.io.parse_example(b, spec)["query"])[0])
+        ds = ds.map(lambda b: tf.shape(tf.io.parse_example(b, spec)[features.QUERY_TEXT])[0])
         return ds.reduce(tf.constant(0), lambda n, m: n + m)
 
     def check(path: str, k: int) -> str | None:

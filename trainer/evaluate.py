@@ -24,11 +24,11 @@ import tensorflow as tf
 
 from ebr import features, storage
 from trainer import data
+from trainer.config import DEFAULT_KS
 from trainer.corpus import Corpus, load_corpus
 
 log = logging.getLogger(__name__)
 
-DEFAULT_KS = (10, 50, 100, 500)
 _SCORE_BUDGET = 16_000_000  # query x document scores held at once (64 MB of float32)
 
 
@@ -61,10 +61,10 @@ def training_items(pattern: str) -> dict[str, set[str]]:
     """searcher_id -> documents clicked in the training split."""
     items: dict[str, set[str]] = defaultdict(set)
     files = data.list_files(pattern)
-    ds = data.make_dataset(files, 8192, shuffle=False, names=("searcher_id", "doc_id"))
+    ds = data.make_dataset(files, 8192, shuffle=False, names=(features.SEARCHER_ID, features.DOC_ID))
     with data.named_errors(files):
         for batch in ds:
-            for s, d in zip(batch["searcher_id"].numpy(), batch["doc_id"].numpy()):
+            for s, d in zip(batch[features.SEARCHER_ID].numpy(), batch[features.DOC_ID].numpy()):
                 items[s.decode()].add(d.decode())
     return items
 
@@ -121,7 +121,7 @@ def evaluate(model_or_query_tower_path, *, eval_pattern: str, corpus: Corpus | s
             # Exact scores against the whole corpus, a few rows at a time (bounded memory).
             scores = np.concatenate([tf.matmul(q[s:s + rows_per_chunk], doc_emb, transpose_b=True).numpy()
                                      for s in range(0, int(q.shape[0]), rows_per_chunk)])
-            for i, doc_id in enumerate(batch["doc_id"].numpy()):
+            for i, doc_id in enumerate(batch[features.DOC_ID].numpy()):
                 if max_examples and n >= max_examples:
                     break
                 n += 1
@@ -131,7 +131,7 @@ def evaluate(model_or_query_tower_path, *, eval_pattern: str, corpus: Corpus | s
                     continue
                 excluded = None
                 if seen is not None:
-                    searcher = batch["searcher_id"][i].numpy().decode()
+                    searcher = batch[features.SEARCHER_ID][i].numpy().decode()
                     excluded = [corpus.row_of[d] for d in seen.get(searcher, ()) if d in corpus.row_of]
                 rank_all, rank_ex = positive_rank(scores[i], row, excluded)
                 hits["all"] += np.array([rank_all < k for k in ks])

@@ -6,11 +6,11 @@ Place in the data flow: the last step of `trainer.task` (training -> towers), re
 `MODEL_DIR/{query_tower,doc_tower}/VERSION/` on any URI (local or gs://) with a
 `serving_default` signature taking every tower input by its schema name as raw strings (scalar
 kinds [B], MULTI kinds [B, N] padded with "") and returning `embedding` float32 [B, D],
-L2-normalised; `ebr_metadata.json` beside it and the commit marker `_COMMITTED` last. Each tower
-is saved into a local staging directory, its graph checked for TFRS / ScaNN / py_function ops,
-then both are published as one version by `ebr.artifacts.publish_towers` (saved_model.pb last
-in each, the query tower's commit marker last of all): a reader (or a kill) never sees a half
-pair. `load_tower` is the checked loader; it takes a tower base (newest committed version) or a
+L2-normalised; `ebr_metadata.json` (and the training run's `config.json`) beside it and the
+commit marker `_COMMITTED` last. Each tower is saved into a local staging directory, its graph
+checked for TFRS / ScaNN / py_function ops, then both are published as one version by
+`ebr.artifacts.publish_towers` (saved_model.pb last in each, the query tower's commit marker
+last of all): a reader (or a kill) never sees a half pair. `load_tower` is the checked loader; it takes a tower base (newest committed version) or a
 version directory on any URI (tf.saved_model.load reads gs:// itself).
 """
 from __future__ import annotations
@@ -25,12 +25,16 @@ import numpy as np
 import tensorflow as tf
 
 from ebr import artifacts, features, storage
+from ebr import config as ebr_config
 
 log = logging.getLogger(__name__)
 
 TOWERS = {"query_tower": (features.QUERY, features.QUERY_INPUTS),
           "doc_tower": (features.DOCUMENT, features.DOC_INPUTS)}
-# Stock TF Serving has none of these (tensorflow/recommenders #182, #216).
+# Ops stock TF Serving cannot run: ScaNN's are a custom-op library of the scann package
+# (google-research/google-research scann/scann/scann_ops/cc/ops/scann_ops.cc) that TFRS's ScaNN
+# layer calls (tensorflow/recommenders tensorflow_recommenders/layers/factorized_top_k.py), and a
+# py_function's body is Python, not a graph (tensorflow/python/ops/script_ops.py).
 FORBIDDEN_OP_MARKERS = ("Scann", "PyFunc", "EagerPyFunc", "Recommenders", "Tfrs")
 
 
@@ -87,14 +91,16 @@ def _save_tower(tower, names: tuple[str, ...], path: str) -> None:
     tf.saved_model.save(module, path, signatures={"serving_default": concrete})
 
 
-def export_towers(model, model_dir: str, version: int | None = None, metadata: dict | None = None
-                  ) -> dict[str, str]:
+def export_towers(model, model_dir: str, version: int | None = None, metadata: dict | None = None,
+                  train_config=None) -> dict[str, str]:
     """Publish `model.query_tower` and `model.doc_tower` under `model_dir` (any URI) as one
     committed version; returns name -> version directory.
 
-    `metadata` adds keys such as "config" and "metrics" to ebr_metadata.json; `version` None or 0
-    picks `next_version(model_dir)`. A committed version is never overwritten; leftovers of an
-    interrupted export (uncommitted, or committed by one tower only) are removed first.
+    `metadata` adds keys such as "config" and "metrics" to ebr_metadata.json; `train_config` (the
+    run's resolved `TrainConfig`) is written beside it as config.json (`ebr.config.save`) before
+    the version is committed; `version` None or 0 picks `next_version(model_dir)`. A committed
+    version is never overwritten; leftovers of an interrupted export (uncommitted, or committed
+    by one tower only) are removed first.
     """
     model_dir = storage.normalize(model_dir)
     version = int(version or next_version(model_dir))
@@ -120,6 +126,8 @@ def export_towers(model, model_dir: str, version: int | None = None, metadata: d
                          if k not in ("model_name", "version", "dimension", "schema_hash")})
             with open(os.path.join(local, artifacts.MODEL_METADATA), "w") as f:
                 json.dump(meta, f, indent=2, sort_keys=True, default=str)
+            if train_config is not None:
+                ebr_config.save(train_config, local)
             staged[name] = local
         try:
             dirs = artifacts.publish_towers(staged, model_dir, version)

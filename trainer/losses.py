@@ -78,63 +78,14 @@ and summed cross-entropy exactly; tests check equality with it where the clip is
 """
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from trainer import negatives as neg
+from trainer.config import LossConfig
 
 MIN_FLOAT = np.finfo(np.float32).min / 100.0  # TFRS's "minus infinity" for masked logits
-
-LOSSES = ("softmax", "triplet")
-LOGQ = ("none", "pipeline", "streaming")
-MIXED_SOURCES = ("tower", "cache")
-REDUCTIONS = ("sum", "mean")
-
-
-@dataclasses.dataclass
-class LossConfig:
-    loss: str = "softmax"  # softmax | triplet
-    temperature: float = 0.05  # softmax only; logits are cosine / temperature
-    logq: str = "pipeline"  # none | pipeline (doc_sampling_prob) | streaming (Yi et al.)
-    remove_accidental_hits: bool = True
-    # CBNS memory queue (0 = off)
-    queue_size: int = 0
-    queue_warmup_steps: int = 100
-    # MNS mixed negatives: per replica and step (0 = off), through the doc tower or the cache
-    mixed_negatives: int = 0
-    mixed_source: str = "tower"  # tower | cache
-    cache_size: int = 0  # 0 = min(corpus size, 65536)
-    cache_refresh_steps: int = 100
-    # Online hard negatives: triplet -> k hardest as negatives; softmax -> keep positive + k hardest
-    hard_negatives: int = 0
-    random_negatives: int = 1  # triplet only: uniformly drawn pool negatives per query
-    margin: float = 0.2  # triplet margin (paper: 0.1-0.3 depending on task)
-    # Streaming frequency estimator (logq=streaming)
-    estimator_buckets: int = 1 << 20
-    estimator_alpha: float = 0.05
-    estimator_hashes: int = 2
-    reduction: str = "sum"  # sum | mean
-    seed: int = 0
-
-    def __post_init__(self):
-        choices = {"loss": LOSSES, "logq": LOGQ, "mixed_source": MIXED_SOURCES,
-                   "reduction": REDUCTIONS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"loss.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"loss.temperature must be positive, got {self.temperature}")
-        for name in ("queue_size", "queue_warmup_steps", "mixed_negatives", "cache_size",
-                     "hard_negatives", "random_negatives"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
-        if self.cache_refresh_steps <= 0:
-            raise ValueError(f"loss.cache_refresh_steps must be positive, got {self.cache_refresh_steps}")
-        if self.margin < 0:
-            raise ValueError(f"loss.margin must be >= 0, got {self.margin}")
 
 
 class RetrievalLoss(tf.keras.layers.Layer):

@@ -51,8 +51,8 @@ class UnifiedEmbeddingModel(tfrs.Model):
     def compute_loss(self, inputs: dict, training: bool = False) -> tf.Tensor:
         query, pos = self(inputs, training=training)
         kwargs = {}
-        if self.extra_negatives and "negative_doc_ids" in inputs:
-            ids = inputs["negative_doc_ids"]  # [B, K] padded with ""
+        if self.extra_negatives and features.NEGATIVE_DOC_IDS in inputs:
+            ids = inputs[features.NEGATIVE_DOC_IDS]  # [B, K] padded with ""
             rows = self.corpus.rows(ids)
             known = rows >= 0
             emb = self._embed_docs(tf.reshape(rows, [-1]), training)
@@ -64,7 +64,7 @@ class UnifiedEmbeddingModel(tfrs.Model):
             rows = tf.random.uniform([self.mixed_from_tower], 0, len(self.corpus), dtype=tf.int64)
             feats = self.corpus.gather(rows)
             kwargs["mixed_emb"] = self.doc_tower(self.doc_tower.select(feats), training=training)
-            kwargs["mixed_ids"] = feats["doc_id"]
+            kwargs["mixed_ids"] = feats[features.DOC_ID]
             if self.corpus.probs is not None:
                 # a uniformly drawn doc also appears in-batch with its click probability: the
                 # loss needs it for the mixture's logQ (MNS, Yang et al. 2020)
@@ -72,11 +72,5 @@ class UnifiedEmbeddingModel(tfrs.Model):
         cache = getattr(self.loss_layer, "cache", None)
         if cache is not None and training:
             cache.maybe_refresh(self.optimizer.iterations, self.doc_tower, self.corpus)
-        return self.loss_layer(query, pos, inputs["doc_id"], inputs["doc_sampling_prob"],
-                               training=training, **kwargs)
-
-
-def tower_inputs(batch: dict, side: str) -> dict:
-    """The named inputs of one tower from a parsed batch (what its serving signature takes)."""
-    names = features.QUERY_INPUTS if side == features.QUERY else features.DOC_INPUTS
-    return {name: batch[name] for name in names}
+        return self.loss_layer(query, pos, inputs[features.DOC_ID],
+                               inputs[features.DOC_SAMPLING_PROB], training=training, **kwargs)

@@ -10,13 +10,18 @@ Flags and a config file -> `TrainConfig`; reads `EX/VERSION/train` TFRecords wit
 unified embedding model under MultiWorkerMirroredStrategy when TF_CONFIG (or Vertex's
 CLUSTER_SPEC) names several workers, backs up every `checkpoint_every_steps` steps with Keras
 BackupAndRestore (a killed job resumes where it stopped), logs to TensorBoard, evaluates recall@K
-on `EX/VERSION/eval`, exports the towers (docs/contracts.md section 3) and reports the tuning metric in
-the cloudml-hypertune file format. Bad input and NaN losses end the job with a non-zero exit
-and a one-line reason.
+on `EX/VERSION/eval`, exports the towers (docs/contracts.md section 3) with the resolved
+configuration (`config.json`) in each version, and reports the tuning metric in the
+cloudml-hypertune file format (`hypertune_path`). Bad input and NaN losses end the job with a
+non-zero exit and a one-line reason.
+
+Flags are generated from `TrainConfig` by `ebr.config` (`--batch-size`, `--set loss.temperature=0.1`,
+`--config FILE`); the job logs its resolved configuration before it starts.
 
 Vertex AI conventions: AIP_MODEL_DIR, AIP_CHECKPOINT_DIR, AIP_TENSORBOARD_LOG_DIR (gs:// URIs
 as Vertex sets them) fill the config's empty paths; CLUSTER_SPEC is turned into TF_CONFIG when
-TF_CONFIG is absent.
+TF_CONFIG is absent. A hyperparameter-tuning trial passes each trial value as a flag named by the
+parameter id (`--learning-rate=0.01`: the id is the flag's name).
 """
 from __future__ import annotations
 
@@ -30,12 +35,10 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import TYPE_CHECKING
 
-from ebr import artifacts, storage
-
-if TYPE_CHECKING:  # TensorFlow stays out of `ebr --help`
-    from trainer.config import TrainConfig
+from ebr import artifacts, features, logs, storage
+from ebr import config as ebr_config
+from trainer.config import TrainConfig  # no TensorFlow: `ebr --help` stays fast
 
 log = logging.getLogger("trainer.task")
 
@@ -94,7 +97,7 @@ def make_strategy(tf_config: dict):
     return tf.distribute.get_strategy()
 
 
-def resolve_paths(config: "TrainConfig") -> "TrainConfig":
+def resolve_paths(config: TrainConfig) -> TrainConfig:
     """Fill empty output paths from Vertex's AIP_* variables, then from model_dir; every path a
     normalised URI (Vertex's gs://.../ values lose their trailing slash). The data dir stays as
     given: `resolve_data_dir` turns it into the examples version to read."""
@@ -117,14 +120,29 @@ def resolve_data_dir(data_dir: str) -> str:
     return artifacts.resolve(data_dir, "examples")
 
 
-def report_hypertune(tag: str, value: float, step: int) -> str:
-    """Append one metric line in cloudml-hypertune's format (what its HyperTune class writes)."""
-    path = os.environ.get("CLOUD_ML_HP_METRIC_FILE", "/tmp/hypertune/output.metrics")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+# cloudml-hypertune's default metrics file (hypertune/hypertune.py, _DEFAULT_METRIC_PATH): where
+# Vertex AI reads a tuning trial's metric unless CLOUD_ML_HP_METRIC_FILE names another file.
+VERTEX_HYPERTUNE_FILE = "/tmp/hypertune/output.metrics"
+
+
+def hypertune_path(model_dir: str, version: int) -> str:
+    """Where this run reports its tuning metric: CLOUD_ML_HP_METRIC_FILE when set; in a Vertex AI
+    tuning trial (CLOUD_ML_TRIAL_ID set) the file Vertex reads; otherwise beside the run's own
+    export, `MODEL_DIR/hypertune-VERSION.metrics`, so unrelated runs never share one file."""
+    if os.environ.get("CLOUD_ML_HP_METRIC_FILE"):
+        return os.environ["CLOUD_ML_HP_METRIC_FILE"]
+    if os.environ.get("CLOUD_ML_TRIAL_ID"):
+        return VERTEX_HYPERTUNE_FILE
+    return storage.join(model_dir, f"hypertune-{version}.metrics")
+
+
+def report_hypertune(path: str, tag: str, value: float, step: int) -> str:
+    """Append one metric line to `path` (any URI) in cloudml-hypertune's format (what its
+    HyperTune class writes: JSON lines, values as strings)."""
     line = {"timestamp": time.time(), "trial": str(os.environ.get("CLOUD_ML_TRIAL_ID", 0)),
             tag: str(value), "global_step": str(int(step)), "checkpoint_path": ""}
-    with open(path, "a") as f:
-        f.write(json.dumps(line) + "\n")
+    old = storage.read_bytes(path) if storage.exists(path) else b""
+    storage.write_bytes(path, old + (json.dumps(line) + "\n").encode("utf-8"))
     return path
 
 
@@ -190,8 +208,9 @@ def _count_records(files: list[str]) -> int:
 def _has_negatives(files: list[str]) -> bool:
     from trainer import data
 
-    for batch in data.make_dataset(files[:1], 256, shuffle=False, names=("negative_doc_ids",)).take(1):
-        return bool((batch["negative_doc_ids"] != b"").numpy().any())
+    names = (features.NEGATIVE_DOC_IDS,)
+    for batch in data.make_dataset(files[:1], 256, shuffle=False, names=names).take(1):
+        return bool((batch[features.NEGATIVE_DOC_IDS] != b"").numpy().any())
     return False
 
 
@@ -200,7 +219,7 @@ def _worker_dir(path: str, chief: bool) -> str:
     return path if chief else tempfile.mkdtemp(prefix="ebr-worker-")
 
 
-def train(config: "TrainConfig") -> dict:
+def train(config: TrainConfig) -> dict:
     """Train, evaluate and export. Returns {"metrics", "exports", "steps", "resumed_from_step", ...}."""
     import tensorflow as tf
 
@@ -211,6 +230,7 @@ def train(config: "TrainConfig") -> dict:
     from trainer.model import UnifiedEmbeddingModel, make_optimizer
 
     config = resolve_paths(config)
+    ebr_config.announce("train", config)
     d = resolve_data_dir(config.data_dir)
     log.info("examples: %s", d)
     tf_config = cluster_from_env()
@@ -267,15 +287,16 @@ def train(config: "TrainConfig") -> dict:
     exports = export_towers(model, export_base, version, {
         "config": dataclasses.asdict(config), "metrics": _headline(metrics),
         "training": {"steps": steps, "replicas": replicas, "data_dir": d,
-                     "train_files": train_files}})
+                     "train_files": train_files}}, train_config=config)
     result = {"metrics": metrics, "exports": exports, "steps": steps, "version": version,
               "data_dir": d, "resumed_from_step": progress.start_step, "checkpoint": final_ckpt,
               "chief": chief}
     if chief:
         headline = _headline(metrics)
         if config.hypertune_metric in headline:
-            result["hypertune_file"] = report_hypertune(config.hypertune_metric,
-                                                        headline[config.hypertune_metric], steps)
+            result["hypertune_file"] = report_hypertune(
+                hypertune_path(config.model_dir, version), config.hypertune_metric,
+                headline[config.hypertune_metric], steps)
         storage.write_bytes(storage.join(config.model_dir, f"train_result-{version}.json"),
                             json.dumps(result, indent=2, default=str).encode("utf-8"))
     else:
@@ -298,46 +319,21 @@ def _headline(metrics: dict) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="JSON or YAML file with TrainConfig fields")
-    parser.add_argument("--data-dir", "--data_dir", dest="data_dir",
-                        help="examples artifact of `ebr pipeline examples`: EX (newest committed "
-                             "version) or EX/VERSION, any URI")
-    parser.add_argument("--model-dir", "--model_dir", dest="model_dir",
-                        help="export base, any URI (else AIP_MODEL_DIR)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. --set loss.queue_size=4096 (repeatable)")
-    parser.add_argument("--output", help="write the result JSON here (any URI)")
+    """One flag per `TrainConfig` field, `--config` and `--set` (`ebr.config`)."""
+    ebr_config.add_arguments(parser, TrainConfig)
 
 
-def config_from_args(args: argparse.Namespace, extra: list[str] | None = None):
-    """TrainConfig from --config, --set and (Vertex tuning style) --key=value flags."""
-    from ebr import config as ebr_config
-    from trainer.config import TrainConfig
-
-    overrides = list(args.set)
-    rest = list(extra or [])
-    while rest:
-        item = rest.pop(0)
-        if not item.startswith("--"):
-            raise ValueError(f"unexpected argument {item!r}")
-        key = item[2:]
-        if "=" not in key:
-            if not rest:
-                raise ValueError(f"flag --{key} needs a value")
-            key = f"{key}={rest.pop(0)}"
-        overrides.append(key.replace("-", "_"))
-    for name in ("data_dir", "model_dir"):
-        if getattr(args, name, None):
-            overrides.append(f"{name}={getattr(args, name)}")
-    return ebr_config.load(TrainConfig, args.config, overrides)
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """defaults <- --config file <- flags <- --set (`ebr.config.from_args`)."""
+    return ebr_config.from_args(TrainConfig, args)
 
 
-def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
+def run(args: argparse.Namespace) -> int:
     """Shared by `python -m trainer.task` and `ebr train`: exit code, one-line errors."""
     import tensorflow as tf
 
     try:
-        config = config_from_args(args, extra)
+        config = config_from_args(args)
         result = train(config)
     except TrainingError as e:
         print(f"training failed: {e}", file=sys.stderr)
@@ -347,20 +343,18 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
         print(f"bad input: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     text = json.dumps(result, indent=2, default=str)
-    if args.output:
-        storage.write_bytes(args.output, text.encode("utf-8"))
+    if config.output:
+        storage.write_bytes(config.output, text.encode("utf-8"))
     print(text)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    import ebr  # noqa: F401  (legacy Keras before TensorFlow)
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Run as a program (no argv given), the job owns stderr and may filter it (ebr.logs).
+    logs.setup(filter_native=argv is None)
     parser = argparse.ArgumentParser(prog="python -m trainer.task", description=__doc__.split("\n")[0])
     add_arguments(parser)
-    args, extra = parser.parse_known_args(argv)
-    return run(args, extra)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

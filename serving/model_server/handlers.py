@@ -1,26 +1,23 @@
 """What Predict, GetModelMetadata and GetModelStatus do, shared by the gRPC and REST front ends.
 
-Checks and status codes follow TF Serving (`servables/tensorflow/predict_util.cc`,
+Checks and status codes follow TF Serving (upstream repository tensorflow/serving, files under
+`tensorflow_serving/`: `servables/tensorflow/predict_util.cc`,
 `model_servers/get_model_status_impl.cc`, `servables/tensorflow/get_model_metadata_impl.cc`,
 `model_servers/server_core.cc`): every refusal is a `ServingError` carrying the gRPC code.
-Also holds the Prometheus metrics both front ends record into, named as TF Serving names them.
+The front ends record each call into `serving.model_server.metrics`.
 """
 from __future__ import annotations
 
-import threading
-from collections import defaultdict
-
 import grpc
 import numpy as np
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.metrics_core import Metric
 from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_pb2,
                                      predict_pb2, status_pb2)
 
-from serving.model_registry import ModelRegistry, Servable, ServingError
-from serving.tensors import TensorError, dtype_name, ndarray_to_proto, proto_to_ndarray
+from serving.model_server.config import DEFAULT_SIGNATURE
+from serving.model_server.registry import ModelRegistry, Servable, ServingError
+from serving.model_server.tensors import (TensorError, dtype_name, ndarray_to_proto,
+                                          proto_to_ndarray)
 
-DEFAULT_SIGNATURE = "serving_default"
 _CODE_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
 
 
@@ -175,63 +172,3 @@ def model_status(registry: ModelRegistry, request: get_model_status_pb2.GetModel
         status.status.CopyFrom(status_pb2.StatusProto(
             error_code=2 if rec.error else 0, error_message=rec.error))  # 2 = UNKNOWN
     return response
-
-
-# ---- metrics ----------------------------------------------------------------------------------
-# TF Serving's latency histograms are in microseconds; keep its unit so dashboards carry over.
-LATENCY_BUCKETS_US = (50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000,
-                      250_000, 500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000)
-
-
-UNKNOWN_MODEL = "_unknown"
-
-
-class ModelServerMetrics:
-    """`:tensorflow:serving:request_count{model_name,status}` and `request_latency`."""
-
-    def __init__(self, registry: ModelRegistry | None = None):
-        self.prometheus = CollectorRegistry()
-        self._models = registry
-        self._lock = threading.Lock()
-        self._counts: dict[tuple[str, str], float] = defaultdict(float)
-        self.latency = Histogram(
-            ":tensorflow:serving:request_latency",
-            "Distribution of wall time (in microseconds) for Tensorflow Serving request.",
-            ["model_name", "API", "entrypoint"], buckets=LATENCY_BUCKETS_US,
-            registry=self.prometheus)
-        self.prometheus.register(self)
-
-    def observe(self, model: str, api: str, entrypoint: str, code: grpc.StatusCode,
-                seconds: float) -> None:
-        if self._models is not None and not self._models.knows(model):
-            model = UNKNOWN_MODEL  # clients choose names: keep label cardinality bounded
-        with self._lock:
-            self._counts[(model, code.name)] += 1
-        self.latency.labels(model, api, entrypoint).observe(seconds * 1e6)
-
-    def count(self, model: str, status: str) -> float:
-        with self._lock:
-            return self._counts.get((model, status), 0.0)
-
-    def describe(self):
-        return []
-
-    def collect(self):
-        # A hand-made family: prometheus_client's Counter would rename it `..._total`.
-        counter = Metric(":tensorflow:serving:request_count",
-                         "The total number of requests.", "counter")
-        with self._lock:
-            for (model, status), n in sorted(self._counts.items()):
-                counter.add_sample(":tensorflow:serving:request_count",
-                                   {"model_name": model, "status": status}, n)
-        yield counter
-        if self._models is not None:
-            gauge = Metric(":ebr:model_server:loaded_versions",
-                           "Versions currently served per model.", "gauge")
-            for name, versions in self._models.available().items():
-                gauge.add_sample(":ebr:model_server:loaded_versions", {"model_name": name},
-                                 len(versions))
-            yield gauge
-
-    def exposition(self) -> bytes:
-        return generate_latest(self.prometheus)

@@ -3,37 +3,46 @@
 In production the exported towers run in the official `tensorflow/serving` image; locally and
 in the tests this server stands in for it: the same `tensorflow.serving`
 PredictionService / ModelService protos from tensorflow-serving-api, the same
-`BASE/NAME/VERSION/` layout (`serving.model_registry`), the same status codes
-(`serving.model_handlers`), so clients built on `prediction_service_pb2_grpc` work against
-either unchanged. Adds what the project needs around it: grpc.health.v1 that says SERVING only
-once a version is loaded, Prometheus metrics, optional TLS, and a graceful drain on SIGTERM.
+`BASE/NAME/VERSION/` layout (`serving.model_server.registry`), the same status codes
+(`serving.model_server.handlers`), so clients built on `prediction_service_pb2_grpc` work
+against either unchanged. Adds what the project needs around it: grpc.health.v1 that says
+SERVING only once a version is loaded, Prometheus metrics (`serving.model_server.metrics`),
+optional TLS, and a graceful drain on SIGTERM.
 
 The base path is any URI (local or gs://); only committed versions are loaded, failed loads
 are retried with backoff, and a storage error while polling keeps what serves
-(`serving.model_registry`).
+(`serving.model_server.registry`).
 
 CLI: `ebr serve model --model-base-path MODEL_DIR [--port 8500] [--rest-port 8501]`
-(registered by serving/cli.py through `add_arguments` / `run`), or `python -m serving.model_server`.
+(serving/cli.py), or `python -m serving.model_server` with the same flags; both build a
+`ModelServerConfig` (serving/model_server/config.py) and call `run`.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import signal
-import sys
 import threading
 import time
 from concurrent import futures
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
-# TensorFlow and the TF Serving protos load inside start_model_server: serving/cli.py imports
-# this module to register `ebr serve model`, and `ebr --help` must stay fast (contracts.md).
+from serving.model_server.config import (DEFAULT_LOAD_RETRY_SECONDS,
+                                         DEFAULT_MAX_LOAD_RETRY_SECONDS,
+                                         DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_POLL_SECONDS,
+                                         DEFAULT_SIGNATURE, ModelServerConfig)
+
+if TYPE_CHECKING:
+    from serving.model_server.metrics import ModelServerMetrics
+    from serving.model_server.registry import ModelRegistry
+
+# TensorFlow and the TF Serving protos load inside start_model_server, so importing this module
+# stays cheap.
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 HEALTH_SERVICES = ("", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService")
 
 
@@ -41,11 +50,11 @@ class _Frontend:
     """Runs a handler, records metrics, turns ServingError into the gRPC status."""
 
     def __init__(self, registry: "ModelRegistry", metrics: "ModelServerMetrics", max_tensor_bytes):
-        from serving import model_handlers
-        from serving.model_registry import ServingError
+        from serving.model_server import handlers
+        from serving.model_server.registry import ServingError
 
         self.registry, self.metrics, self.max_tensor_bytes = registry, metrics, max_tensor_bytes
-        self.handlers, self._error = model_handlers, ServingError
+        self.handlers, self._error = handlers, ServingError
 
     def call(self, api: str, model: str, context, fn):
         started = time.perf_counter()
@@ -145,28 +154,32 @@ def _read(path: str | Path, what: str) -> bytes:
 
 
 def start_model_server(model_base_path: str | Path, port: int = 0, *, host: str = "127.0.0.1",
-                       rest_port: int | None = None, poll_seconds: float = 1.0,
+                       rest_port: int | None = None,
+                       poll_seconds: float = DEFAULT_POLL_SECONDS,
                        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                        tls_cert: str | None = None, tls_key: str | None = None,
-                       max_concurrency: int = 0, threads: int = 16, num_versions: int = 1,
-                       require_signature: str = "serving_default",
-                       wait_for_models: bool = True, load_retry_seconds: float | None = None,
-                       max_load_retry_seconds: float | None = None) -> ModelServer:
+                       max_concurrency: int = ModelServerConfig.max_concurrency,
+                       threads: int = ModelServerConfig.threads,
+                       num_versions: int = ModelServerConfig.num_versions,
+                       require_signature: str = DEFAULT_SIGNATURE,
+                       wait_for_models: bool = True,
+                       load_retry_seconds: float = DEFAULT_LOAD_RETRY_SECONDS,
+                       max_load_retry_seconds: float = DEFAULT_MAX_LOAD_RETRY_SECONDS
+                       ) -> ModelServer:
     """Binds, then loads what the base path holds (health NOT_SERVING meanwhile), then polls.
 
     `port=0` / `rest_port=0` pick free ports (see `.port` / `.rest_port`); `rest_port=None` is
     no REST. `max_concurrency>0` bounds RPCs in progress (RESOURCE_EXHAUSTED beyond it).
-    A failed load is retried after `load_retry_seconds`, doubling up to `max_load_retry_seconds`
-    (None: the registry's defaults).
+    A failed load is retried after `load_retry_seconds`, doubling up to `max_load_retry_seconds`.
+    Defaults: `ModelServerConfig`, except the host (loopback) and port (any free one).
     """
     if bool(tls_cert) != bool(tls_key):
         raise ValueError("TLS needs both --tls-cert and --tls-key")
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
-    from serving.model_handlers import ModelServerMetrics
-    from serving import model_registry
-    from serving.model_registry import ModelRegistry
+    from serving.model_server.metrics import ModelServerMetrics
+    from serving.model_server.registry import ModelRegistry
 
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
 
@@ -179,10 +192,7 @@ def start_model_server(model_base_path: str | Path, port: int = 0, *, host: str 
     registry = ModelRegistry(
         str(model_base_path), poll_seconds=poll_seconds, num_versions=num_versions,
         require_signature=require_signature, on_change=on_change,
-        load_retry_seconds=(model_registry.DEFAULT_LOAD_RETRY_SECONDS
-                            if load_retry_seconds is None else load_retry_seconds),
-        max_load_retry_seconds=(model_registry.DEFAULT_MAX_LOAD_RETRY_SECONDS
-                                if max_load_retry_seconds is None else max_load_retry_seconds))
+        load_retry_seconds=load_retry_seconds, max_load_retry_seconds=max_load_retry_seconds)
     on_change(registry)
     metrics = ModelServerMetrics(registry)
     front = _Frontend(registry, metrics, max(max_message_bytes, 1 << 20))
@@ -216,7 +226,8 @@ def start_model_server(model_base_path: str | Path, port: int = 0, *, host: str 
     server.start()
     handle = ModelServer(server, bound, registry, metrics, health_servicer)
     if rest_port is not None:
-        from serving.rest import start_rest_server
+        from serving.model_server.rest import start_rest_server
+
         handle.rest = start_rest_server(registry, metrics, host=host, port=rest_port,
                                         max_body_bytes=max_message_bytes)
         handle.rest_port = handle.rest.port
@@ -229,75 +240,32 @@ def start_model_server(model_base_path: str | Path, port: int = 0, *, host: str 
     return handle
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-base-path", required=True,
-                        help="BASE (any URI, e.g. gs://bucket/models) with committed "
-                             "BASE/NAME/VERSION/saved_model.pb; every NAME is a model")
-    parser.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
-    parser.add_argument("--port", type=int, default=8500, help="gRPC port (0 = any free port)")
-    parser.add_argument("--rest-port", type=int, default=0,
-                        help="REST port for /v1/models/... and metrics (0 = no REST)")
-    parser.add_argument("--poll-seconds", type=float, default=1.0,
-                        help="how often to look for new versions (TF Serving's default 1 s)")
-    parser.add_argument("--num-versions", type=int, default=1,
-                        help="serve the newest N versions (TF Serving's `latest` policy)")
-    parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
-                        help="largest request accepted (larger ones: RESOURCE_EXHAUSTED)")
-    parser.add_argument("--tls-cert", help="PEM certificate chain (enables TLS with --tls-key)")
-    parser.add_argument("--tls-key", help="PEM private key")
-    parser.add_argument("--max-concurrency", type=int, default=0,
-                        help="RPCs in progress before RESOURCE_EXHAUSTED (0 = unbounded queue, "
-                             "as TF Serving)")
-    parser.add_argument("--threads", type=int, default=16, help="gRPC worker threads")
-    parser.add_argument("--load-retry-seconds", type=float, default=1.0,
-                        help="first retry of a failed load; doubles per failure")
-    parser.add_argument("--max-load-retry-seconds", type=float, default=60.0,
-                        help="longest wait between retries of a failed load")
-    parser.add_argument("--require-signature", default="serving_default",
-                        help="a version without this signature is not loaded ('' = any)")
-    parser.add_argument("--drain-seconds", type=float, default=10.0,
-                        help="on SIGTERM, how long running requests may take to finish")
-
-
-def run(args: argparse.Namespace) -> int:
+def run(cfg: ModelServerConfig) -> int:
+    """Serves until SIGTERM / SIGINT, then drains (the k8s termination path)."""
     stop = threading.Event()
 
     def on_signal(signum, _frame):
-        log.info("signal %d: draining for up to %.1fs", signum, args.drain_seconds)
+        log.info("signal %d: draining for up to %.1fs", signum, cfg.drain_seconds)
         stop.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         handle = start_model_server(
-            args.model_base_path, args.port, host=args.host,
-            rest_port=args.rest_port or None, poll_seconds=args.poll_seconds,
-            max_message_bytes=args.max_message_bytes, tls_cert=args.tls_cert,
-            tls_key=args.tls_key, max_concurrency=args.max_concurrency, threads=args.threads,
-            num_versions=args.num_versions, require_signature=args.require_signature,
-            load_retry_seconds=args.load_retry_seconds,
-            max_load_retry_seconds=args.max_load_retry_seconds)
+            cfg.model_base_path, cfg.port, host=cfg.host,
+            rest_port=cfg.rest_port or None, poll_seconds=cfg.poll_seconds,
+            max_message_bytes=cfg.max_message_bytes, tls_cert=cfg.tls_cert,
+            tls_key=cfg.tls_key, max_concurrency=cfg.max_concurrency, threads=cfg.threads,
+            num_versions=cfg.num_versions, require_signature=cfg.require_signature,
+            load_retry_seconds=cfg.load_retry_seconds,
+            max_load_retry_seconds=cfg.max_load_retry_seconds)
         # One line a supervisor (or a test) can wait for; the port matters when --port 0.
         print(f"model server listening on port {handle.port}"
               + (f", REST port {handle.rest_port}" if handle.rest_port else ""), flush=True)
         while not stop.wait(0.5):
             pass
-        handle.stop(grace=args.drain_seconds)
+        handle.stop(grace=cfg.drain_seconds)
         log.info("model server stopped")
         return 0
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serving.model_server",
-                                     description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

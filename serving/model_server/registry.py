@@ -1,7 +1,7 @@
 """Which SavedModel versions the model server holds, kept in step with TF Serving's base path.
 
 Place in the data flow: the serving end of the towers (docs/contracts.md 3), behind
-`serving.model_server` (`ebr serve model --model-base-path MODEL_DIR`).
+`serving.model_server.server` (`ebr serve model --model-base-path MODEL_DIR`).
 
 Layout: `BASE/NAME/VERSION/{saved_model.pb, variables/, ebr_metadata.json, _COMMITTED}` on any
 URI (local or gs://, read through `ebr.storage` / tf.io.gfile; tf.saved_model.load reads gs://
@@ -33,11 +33,12 @@ from typing import Callable
 import grpc
 
 from ebr import artifacts, storage
+from serving.model_server.config import (DEFAULT_LOAD_RETRY_SECONDS,
+                                         DEFAULT_MAX_LOAD_RETRY_SECONDS, DEFAULT_POLL_SECONDS,
+                                         DEFAULT_SIGNATURE)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LOAD_RETRY_SECONDS = 1.0  # first retry of a failed load; doubles per failure
-DEFAULT_MAX_LOAD_RETRY_SECONDS = 60.0  # cap of the backoff (TF Serving's retry interval)
 # ModelVersionStatus.State values (tensorflow_serving/apis/get_model_status.proto).
 START, LOADING, AVAILABLE, UNLOADING, END = 10, 20, 30, 40, 50
 
@@ -134,8 +135,8 @@ class _Lease:
 
 
 class ModelRegistry:
-    def __init__(self, base_path, *, poll_seconds: float = 1.0, num_versions: int = 1,
-                 require_signature: str = "serving_default",
+    def __init__(self, base_path, *, poll_seconds: float = DEFAULT_POLL_SECONDS,
+                 num_versions: int = 1, require_signature: str = DEFAULT_SIGNATURE,
                  on_change: Callable[["ModelRegistry"], None] | None = None,
                  load_retry_seconds: float = DEFAULT_LOAD_RETRY_SECONDS,
                  max_load_retry_seconds: float = DEFAULT_MAX_LOAD_RETRY_SECONDS):
