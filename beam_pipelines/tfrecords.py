@@ -17,19 +17,15 @@ import struct
 import apache_beam as beam
 from apache_beam.io import filebasedsink
 from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.tfrecordio import _TFRecordUtil
+from google_crc32c import value as _crc32c  # the C implementation Beam itself prefers
 
 DEFAULT_GZIP_LEVEL = 1
 
 
-try:  # the C implementation Beam itself prefers; Beam's pure-Python fallback otherwise
-    from google_crc32c import value as _crc32c
+def _masked_crc(data: bytes) -> int:
+    crc = _crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
-    def _masked_crc(data: bytes) -> int:
-        crc = _crc32c(data)
-        return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-except ImportError:  # pragma: no cover
-    _masked_crc = _TFRecordUtil._masked_crc32c
 
 _LEN_CRC = struct.Struct("<QI")
 _CRC = struct.Struct("<I")

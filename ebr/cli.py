@@ -11,7 +11,7 @@ import sys
 
 from ebr import logs
 
-# Component CLIs in data-flow order; a component that is not importable yet is skipped.
+# Component CLIs in data-flow order.
 COMPONENTS = (
     "ebr.datasets.cli",
     "beam_pipelines.cli",
@@ -28,13 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMPONENTS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name and name.startswith(e.name):
-                continue  # component not written yet
-            raise
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 

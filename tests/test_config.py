@@ -143,3 +143,23 @@ def test_mappings_merge_key_by_key(tmp_path):
     f.write_text('{"train": {"lr": 0.1}}')
     assert parse_mapping(["--config", str(f), "--train", "eval_ks=10,50"]) == {
         "epochs": 3, "batch_size": 512, "lr": 0.1, "eval_ks": "10,50"}
+
+
+def _leaf_commands(parser, path=()):
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield " ".join(path), parser
+    for action in subs:
+        for name, sub in action.choices.items():
+            yield from _leaf_commands(sub, path + (name,))
+
+
+def test_every_ebr_command_takes_config_and_set():
+    from ebr.cli import build_parser
+
+    commands = dict(_leaf_commands(build_parser()))
+    assert {"train", "pipeline examples", "index build", "serve retrieval", "demo",
+            "mine-negatives", "experiment paper-tables", "data social", "query"} <= set(commands)
+    missing = [name for name, p in commands.items()
+               if not {"--config", "--set"} <= set(p._option_string_actions)]
+    assert missing == []

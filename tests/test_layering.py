@@ -4,7 +4,8 @@ Every import in the project's packages, lazy ones inside functions included, is 
 source and must name a module of its own layer or of a layer before it:
 
     schema, configuration, artifacts -> data sets -> pipelines -> trainer -> index
-    -> batch jobs over a trained tower and its index -> serving -> experiments and command lines
+    -> batch jobs over a trained tower and its index -> serving -> the retraining pipeline,
+    experiments and command lines
 
 Offline mining is a Beam pipeline (it lives beside the other pipelines), but it runs on a trained
 query tower and its index, so its layer comes after both.
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("ebr", "beam_pipelines", "trainer", "index", "serving", "experiments")
+PACKAGES = ("ebr", "beam_pipelines", "trainer", "index", "serving", "retraining", "experiments")
 
 # (layer, module prefixes); a module's layer is that of its longest matching prefix.
 LAYERS = (
@@ -29,7 +30,8 @@ LAYERS = (
     ("batch jobs over a trained tower and its index",
      ("beam_pipelines.mining", "beam_pipelines.mine_negatives")),
     ("serving", ("serving",)),
-    ("experiments and command lines", ("experiments", "ebr.cli", "ebr.demo")),
+    ("pipelines of stages, experiments and command lines",
+     ("retraining", "experiments", "ebr.cli", "ebr.demo")),
 )
 TOP = len(LAYERS) - 1
 

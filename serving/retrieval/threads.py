@@ -20,11 +20,8 @@ def set_search_threads(n: int) -> None:
     (setting it in the main thread would leave every worker at the default, all cores)."""
     if n <= 0 or getattr(_thread_state, "omp_threads", None) == n:
         return
-    try:
-        import faiss
-    except ImportError:  # an index without FAISS backends needs no setting
-        _thread_state.omp_threads = n
-        return
+    import faiss
+
     faiss.omp_set_num_threads(n)
     _thread_state.omp_threads = n
 
