@@ -112,6 +112,9 @@ class TrainConfig:
     hash_bucket_cap: int = 0  # 0 = schema sizes; else min(schema size, cap) per table
     text_char_buckets: int = features.TEXT_CHAR_BUCKETS
     text_word_buckets: int = features.TEXT_WORD_BUCKETS
+    # --- warm start: the towers begin from an export's variables (optimizer and loss state fresh)
+    warm_start: str = ""  # MODEL_DIR of an exported tower pair (any URI) to start from; empty = cold start
+    warm_start_version: int = 0  # version of the pair in warm_start; 0 = its newest committed pair
     # --- optimisation --------------------------------------------------------------------
     optimizer: str = "adam"  # adam | adagrad | sgd
     learning_rate: float = 0.001
@@ -137,6 +140,9 @@ class TrainConfig:
             raise ValueError(f"optimizer must be adam, adagrad or sgd, got {self.optimizer!r}")
         if self.epochs <= 0 or self.steps_per_epoch < 0:
             raise ValueError("epochs must be positive and steps_per_epoch >= 0")
+        if self.warm_start_version < 0 or (self.warm_start_version and not self.warm_start):
+            raise ValueError(f"warm_start_version {self.warm_start_version} needs warm_start (a "
+                             f"MODEL_DIR) and must be >= 0 (0 = newest committed pair)")
         if self.tower_features:
             known = features.QUERY_INPUTS + features.DOC_INPUTS
             unknown = sorted(set(self.tower_features) - set(known))
@@ -152,10 +158,48 @@ class TrainConfig:
             raise ValueError("triplet loss without random or hard negatives trains on the examples' "
                              "negative_doc_ids only: set use_extra_negatives")
 
-    def buckets(self, feature: features.Feature) -> int:
-        if self.hash_bucket_cap > 0:
-            return min(feature.hash_buckets, self.hash_bucket_cap)
-        return feature.hash_buckets
+
+# The settings that decide the towers' variables (their number, order and shapes; see
+# trainer/towers.py): a warm start needs each equal to the export's recorded training configuration.
+ARCHITECTURE = ("embedding_dim", "feature_dim", "text_dim", "hidden_units", "tower_features",
+                "hash_bucket_cap", "text_char_buckets", "text_word_buckets", "share_text_tables",
+                "history_attention")
+
+
+def table_buckets(cap: int) -> dict[str, int]:
+    """Hash buckets of each schema table (a feature without `table` has its own) under
+    `hash_bucket_cap` `cap`: the towers' embedding tables (`trainer.towers.build_tables`).
+    Shared tables must hash every feature into the same buckets, or the same entity would land
+    on different rows from the two sides."""
+    sizes: dict[str, int] = {}
+    for f in features.features(kinds=(features.CATEGORICAL, features.MULTI)):
+        if f.side in (features.QUERY, features.DOCUMENT):
+            n = min(f.hash_buckets, cap) if cap > 0 else f.hash_buckets
+            sizes[f.table or f.name] = max(sizes.get(f.table or f.name, 0), n)
+    return sizes
+
+
+def _architecture_value(name: str, value):
+    if name == "tower_features":  # empty = every input; the order is the schema's
+        return sorted(value or (features.QUERY_INPUTS + features.DOC_INPUTS))
+    if name == "hash_bucket_cap":  # caps above every table's size change nothing
+        return table_buckets(int(value))
+    if name == "hidden_units":
+        return [int(u) for u in value]
+    return value
+
+
+def architecture_mismatch(config: TrainConfig, exported: dict) -> str | None:
+    """The first `ARCHITECTURE` setting in which `config` differs from an export's recorded
+    training configuration (`exported`: the "config" of its ebr_metadata.json), as
+    "NAME: VALUE here, VALUE in the export"; None when the towers have the same variables."""
+    for name in ARCHITECTURE:
+        mine = getattr(config, name)
+        if name not in exported:
+            return f"{name}: {mine!r} here, not recorded in the export"
+        if _architecture_value(name, mine) != _architecture_value(name, exported[name]):
+            return f"{name}: {mine!r} here, {exported[name]!r} in the export"
+    return None
 
 
 @dataclasses.dataclass

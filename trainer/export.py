@@ -77,11 +77,18 @@ def check_ops(path: str) -> None:
         raise ExportError(f"{path}: exported graph holds ops stock TF Serving cannot run: {bad}")
 
 
-def _save_tower(tower, names: tuple[str, ...], path: str) -> None:
+def tower_root(tower) -> tf.Module:
+    """The root object a tower's SavedModel is saved from: its variables, in `tower.variables`
+    order, under `tower_variables`. Only the variables are tracked: the serving signature is
+    the whole serving graph (no Keras call traces, no training-only layers such as the loss and
+    its negative-sampling state). `restore_tower` reads an export back through the same object."""
     module = tf.Module()
-    # Track only the variables: the signature below is the whole serving graph (no Keras
-    # call traces, no training-only layers such as the loss and its negative-sampling state).
     module.tower_variables = list(tower.variables)
+    return module
+
+
+def _save_tower(tower, names: tuple[str, ...], path: str) -> None:
+    module = tower_root(tower)
 
     @tf.function
     def serve(**inputs):
@@ -136,6 +143,62 @@ def export_towers(model, model_dir: str, version: int | None = None, metadata: d
     for name, path in dirs.items():
         log.info("exported %s version %d to %s", name, version, path)
     return {name: dirs[name] for name in TOWERS}
+
+
+def exported_variables(version_dir: str) -> list[tuple[str, list[int]]]:
+    """(name, shape) of each variable of a tower export, in `tower_root` order, from the object
+    graph of its saved_model.pb (tensorflow/core/protobuf/saved_object_graph.proto)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    sm = saved_model_pb2.SavedModel()
+    sm.ParseFromString(storage.read_bytes(storage.join(version_dir, artifacts.SAVED_MODEL)))
+    nodes = sm.meta_graphs[0].object_graph_def.nodes
+
+    def child(node, name):
+        for ref in node.children:
+            if ref.local_name == name:
+                return nodes[ref.node_id]
+        raise ExportError(f"{version_dir}: the SavedModel's root has no {name!r}: not saved by "
+                          f"trainer.export (tower_root)")
+
+    listed = child(nodes[0], "tower_variables")
+    out = []
+    for i in range(len(listed.children)):
+        var = child(listed, str(i)).variable
+        out.append((var.name, [int(d.size) for d in var.shape.dim]))
+    return out
+
+
+def restore_tower(tower, version_dir: str) -> int:
+    """Assign a tower's variables from an export's `VERSION/variables/variables` (any URI, read
+    by TensorFlow's file systems): a `tf.train.Checkpoint` over `tower_root(tower)`, the object
+    the export was saved from, so each variable is matched by its place in `tower_variables`.
+    Call it after the variables are built (inside the distribution strategy's scope when
+    there is one). Returns how many variables were restored; a different number of variables
+    or a different shape is an `ExportError` naming the variable."""
+    mine = list(tower.variables)
+    theirs = exported_variables(version_dir)
+    for i, var in enumerate(mine):
+        if i >= len(theirs):
+            raise ExportError(f"{version_dir}: the export has {len(theirs)} variables, this "
+                              f"{tower.name} has {len(mine)}; {var.name} has no counterpart")
+        name, shape = theirs[i]
+        if list(var.shape) != shape:
+            raise ExportError(f"{version_dir}: variable {var.name} has shape {list(var.shape)} here "
+                              f"but {shape} in the export (its {name})")
+    if len(theirs) > len(mine):
+        raise ExportError(f"{version_dir}: the export has {len(theirs)} variables, this "
+                          f"{tower.name} has {len(mine)}; the export's {theirs[len(mine)][0]} "
+                          f"has no counterpart")
+    prefix = storage.join(version_dir, "variables", "variables")
+    status = tf.train.Checkpoint(root=tower_root(tower)).read(prefix)
+    try:
+        # Every variable of ours and every value of the export matched: the export's only other
+        # object, its signature map, holds no state, so no `expect_partial` is needed.
+        status.assert_consumed()
+    except AssertionError as e:
+        raise ExportError(f"{prefix}: does not match this {tower.name}'s variables: {e}") from None
+    return len(mine)
 
 
 def read_metadata(version_dir: str) -> dict:

@@ -9,11 +9,12 @@ checkpoint and TensorBoard directories may all be in Cloud Storage.
 Flags and a config file -> `TrainConfig`; reads `EX/VERSION/train` TFRecords with tf.data, trains the
 unified embedding model under MultiWorkerMirroredStrategy when TF_CONFIG (or Vertex's
 CLUSTER_SPEC) names several workers, backs up every `checkpoint_every_steps` steps with Keras
-BackupAndRestore (a killed job resumes where it stopped), logs to TensorBoard, evaluates recall@K
-on `EX/VERSION/eval`, exports the towers (docs/contracts.md section 3) with the resolved
-configuration (`config.json`) in each version, and reports the tuning metric in the
-cloudml-hypertune file format (`hypertune_path`). Bad input and NaN losses end the job with a
-non-zero exit and a one-line reason.
+BackupAndRestore (a killed job resumes where it stopped), optionally warm-starts the towers from
+an exported pair (`warm_start`, e.g. the model in service: `trainer.export.restore_tower`), logs
+to TensorBoard, evaluates recall@K on `EX/VERSION/eval`, exports the towers (docs/contracts.md
+section 3) with the resolved configuration (`config.json`) in each version, and reports the
+tuning metric in the cloudml-hypertune file format (`hypertune_path`). Bad input and NaN losses
+end the job with a non-zero exit and a one-line reason.
 
 Flags are generated from `TrainConfig` by `ebr.config` (`--batch-size`, `--set loss.temperature=0.1`,
 `--config FILE`); the job logs its resolved configuration before it starts.
@@ -118,6 +119,61 @@ def resolve_paths(config: TrainConfig) -> TrainConfig:
 def resolve_data_dir(data_dir: str) -> str:
     """`EX` (newest committed examples version) or `EX/VERSION` -> the version directory."""
     return artifacts.resolve(data_dir, "examples")
+
+
+def resolve_warm_start(config: TrainConfig) -> dict | None:
+    """`warm_start` (a MODEL_DIR, any URI) and `warm_start_version` (0 = newest) -> the committed
+    tower pair to start from: {"model_dir", "version", "towers": {name: version dir}}; None for
+    a cold start. Both towers must have committed the version (`ebr.artifacts.versions`: a
+    pair, docs/contracts.md "Commit protocol"), carry this code's feature schema and have been
+    trained with this run's `ARCHITECTURE` settings (their ebr_metadata.json "config"); else a
+    ValueError naming the warm-start directory and the reason."""
+    from trainer.config import architecture_mismatch
+
+    if not config.warm_start:
+        return None
+    model_dir = storage.normalize(config.warm_start)
+    where = f"warm start from {model_dir}"
+    try:
+        if config.warm_start_version:
+            version = config.warm_start_version
+        else:  # the newest version both towers committed
+            version = artifacts.version_of(artifacts.resolve(
+                artifacts.tower_base(model_dir, "query_tower"), "tower"))
+        towers = {name: artifacts.resolve(storage.join(artifacts.tower_base(model_dir, name), version),
+                                          "tower")
+                  for name in artifacts.TOWERS}
+        metas = {name: artifacts.read_model_metadata(vdir, features.schema_hash())
+                 for name, vdir in towers.items()}
+    except (artifacts.ArtifactError, storage.StorageError) as e:
+        raise ValueError(f"{where}: {e} (warm_start names a MODEL_DIR holding a committed "
+                         f"query_tower/doc_tower pair)") from None
+    for name, meta in metas.items():
+        mismatch = architecture_mismatch(config, meta.get("config") or {})
+        if mismatch:
+            raise ValueError(f"{where}: version {version} of {name} was trained with other tower "
+                             f"settings, so its variables do not fit this model: {mismatch}")
+    return {"model_dir": model_dir, "version": version,
+            "towers": {name: towers[name] for name in ("query_tower", "doc_tower")}}
+
+
+def warm_start_towers(model, warm: dict) -> dict:
+    """Assign the towers' variables from the exported pair `warm` (`resolve_warm_start`);
+    called once the model's variables are built, inside the strategy's scope. Optimizer
+    slots and the loss layer's state (queue, cache, frequency estimator) start fresh."""
+    from trainer.export import ExportError, restore_tower
+
+    counts = {}
+    for name, vdir in warm["towers"].items():
+        try:
+            counts[name] = restore_tower(getattr(model, name), vdir)
+        except ExportError as e:
+            raise ValueError(f"warm start from {warm['model_dir']}: {e}") from None
+    unique = len({id(v) for name in counts for v in getattr(model, name).variables})
+    log.info("warm start: restored %d tower variables (query_tower %d, doc_tower %d, shared tables "
+             "in both) from %s version %d", unique, counts["query_tower"], counts["doc_tower"],
+             warm["model_dir"], warm["version"])
+    return {**warm, "variables": unique}
 
 
 # cloudml-hypertune's default metrics file (hypertune/hypertune.py, _DEFAULT_METRIC_PATH): where
@@ -231,6 +287,7 @@ def train(config: TrainConfig) -> dict:
 
     config = resolve_paths(config)
     ebr_config.announce("train", config)
+    warm = resolve_warm_start(config)  # before any data is read: a wrong pair fails at once
     d = resolve_data_dir(config.data_dir)
     log.info("examples: %s", d)
     tf_config = cluster_from_env()
@@ -259,6 +316,8 @@ def train(config: TrainConfig) -> dict:
             model = UnifiedEmbeddingModel(config, corpus, extra_negatives=extra)
             model.compile(optimizer=make_optimizer(config))
             model(next(iter(ds.take(1))))  # build before BackupAndRestore restores into it
+            if warm:  # a resumed run's backup, restored when fit begins, takes precedence
+                warm = warm_start_towers(model, warm)
         callbacks, progress = _callbacks(config, model, steps_per_epoch, chief)
         t0 = time.time()
         history = model.fit(ds, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
@@ -287,10 +346,10 @@ def train(config: TrainConfig) -> dict:
     exports = export_towers(model, export_base, version, {
         "config": dataclasses.asdict(config), "metrics": _headline(metrics),
         "training": {"steps": steps, "replicas": replicas, "data_dir": d,
-                     "train_files": train_files}}, train_config=config)
+                     "train_files": train_files, "warm_start": warm}}, train_config=config)
     result = {"metrics": metrics, "exports": exports, "steps": steps, "version": version,
               "data_dir": d, "resumed_from_step": progress.start_step, "checkpoint": final_ckpt,
-              "chief": chief}
+              "chief": chief, "warm_start": warm}
     if chief:
         headline = _headline(metrics)
         if config.hypertune_metric in headline:

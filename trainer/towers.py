@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from ebr import features
 from trainer import featurize
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, table_buckets
 
 _INIT_STDDEV = 0.05
 
@@ -67,16 +67,9 @@ class TextEmbedding(tf.keras.layers.Layer):
 
 
 def build_tables(config: TrainConfig) -> dict[str, HashedEmbedding]:
-    """One `HashedEmbedding` per schema table (a feature without `table` gets its own)."""
-    sizes: dict[str, int] = {}
-    for f in features.features(kinds=(features.CATEGORICAL, features.MULTI)):
-        if f.side not in (features.QUERY, features.DOCUMENT):
-            continue
-        key = f.table or f.name
-        # Shared tables must hash every feature into the same buckets, or the same entity
-        # would land on different rows from the two sides.
-        sizes[key] = max(sizes.get(key, 0), config.buckets(f))
-    return {key: HashedEmbedding(n, config.feature_dim, name=f"table_{key}") for key, n in sizes.items()}
+    """One `HashedEmbedding` per schema table (`trainer.config.table_buckets`)."""
+    return {key: HashedEmbedding(n, config.feature_dim, name=f"table_{key}")
+            for key, n in table_buckets(config.hash_bucket_cap).items()}
 
 
 def build_text_layers(config: TrainConfig) -> tuple[TextEmbedding, TextEmbedding]:
