@@ -18,6 +18,7 @@ COMPONENTS = (
     "trainer.cli",
     "index.cli",
     "serving.cli",
+    "retraining.cli",
     "experiments.cli",
     "ebr.demo",
 )

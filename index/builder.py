@@ -105,8 +105,34 @@ def build_index(embeddings, output, *, backend: str = "faiss", factory: str | No
     manifest = {
         "backend": be.name, "params": params, "dimension": int(X.shape[1]), "count": len(doc_ids),
         "schema_hash": schema_hash or meta.get("schema_hash"),
-        "model_version": model_version if model_version is not None else meta.get("model_version"),
+        "model_version": _version(model_version if model_version is not None
+                                  else meta.get("model_version")),
         "embeddings": source, "build_seconds": round(build_seconds, 3),
         "filter_terms": len(attributes.postings),
     }
     return persistence.publish(output, write, manifest)
+
+
+def _version(value):
+    """Model versions are integers (docs/contracts.md section 3), also when given as a flag."""
+    return int(value) if isinstance(value, str) and value.isdigit() else value
+
+
+def build_from_config(cfg) -> str:
+    """`ebr index build`'s single-process build from its `index.config.IndexBuildConfig`; the
+    resolved settings are saved in the version (config.json). Returns the version dir's URI."""
+    from index.defaults import DEFAULTS
+    from index.scann_backend import ScaNNConfig
+
+    scann = None
+    if cfg.backend == "scann" and (cfg.scann_leaves or cfg.scann_search_leaves
+                                   or cfg.scann_reorder is not None):
+        # otherwise build_index scales the swept leaves to the corpus size
+        scann = ScaNNConfig(num_leaves=cfg.scann_leaves or DEFAULTS.scann_num_leaves,
+                            leaves=cfg.scann_search_leaves or DEFAULTS.scann_leaves,
+                            reorder=DEFAULTS.scann_reorder if cfg.scann_reorder is None
+                            else cfg.scann_reorder)
+    return build_index(cfg.embeddings, cfg.output, backend=cfg.backend, factory=cfg.factory,
+                       nprobe=cfg.nprobe, k_factor=cfg.k_factor, scann=scann,
+                       model_version=cfg.model_version, schema_hash=cfg.schema_hash,
+                       command_config=cfg)

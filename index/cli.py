@@ -32,26 +32,13 @@ def register(subparsers) -> None:
 
 
 def cmd_build(args) -> int:
-    from index.builder import build_index
-    from index.defaults import DEFAULTS
-    from index.scann_backend import ScaNNConfig
+    from index.builder import build_from_config
 
     cfg = config.from_args(IndexBuildConfig, args)
     config.announce("index build", cfg)
     if cfg.shards > 1:
         return _build_sharded(cfg)
-    scann = None
-    if cfg.backend == "scann" and (cfg.scann_leaves or cfg.scann_search_leaves
-                                   or cfg.scann_reorder is not None):
-        # otherwise build_index scales the swept leaves to the corpus size
-        scann = ScaNNConfig(num_leaves=cfg.scann_leaves or DEFAULTS.scann_num_leaves,
-                            leaves=cfg.scann_search_leaves or DEFAULTS.scann_leaves,
-                            reorder=DEFAULTS.scann_reorder if cfg.scann_reorder is None else cfg.scann_reorder)
-    path = build_index(cfg.embeddings, cfg.output, backend=cfg.backend, factory=cfg.factory,
-                       nprobe=cfg.nprobe, k_factor=cfg.k_factor, scann=scann,
-                       model_version=cfg.model_version, schema_hash=cfg.schema_hash,
-                       command_config=cfg)
-    print(json.dumps({"index": path}))
+    print(json.dumps({"index": build_from_config(cfg)}))
     return 0
 
 

@@ -159,7 +159,8 @@ def test_every_ebr_command_takes_config_and_set():
 
     commands = dict(_leaf_commands(build_parser()))
     assert {"train", "pipeline examples", "index build", "serve retrieval", "demo",
-            "mine-negatives", "experiment paper-tables", "data social", "query"} <= set(commands)
+            "mine-negatives", "experiment paper-tables", "data social", "query", "retrain run",
+            "retrain submit"} <= set(commands)
     missing = [name for name, p in commands.items()
                if not {"--config", "--set"} <= set(p._option_string_actions)]
     assert missing == []
