@@ -29,9 +29,8 @@ def _run(args: argparse.Namespace) -> int:
     config.announce("retrain run", cfg)  # the validate step writes it into the run's directory
     try:
         outputs = pipeline.run_locally(cfg)
-    except RuntimeError as e:  # kfp.local names the failed task; the step's error is above
-        print(f"ebr retrain run: {e} (the step's error is in its output above)",
-              file=sys.stderr)
+    except RuntimeError as e:  # the failed step's message, naming the step (retraining.steps)
+        print(f"ebr retrain run: {e}", file=sys.stderr)
         return 1
     print(json.dumps(outputs, indent=2))
     return 0

@@ -79,13 +79,18 @@ def run_locally(cfg, pipeline_root: str | None = None) -> dict:
     """One run of `cfg` (a RetrainConfig) in this Python environment with `kfp.local`'s
     SubprocessRunner (each step a subprocess, no containers; the URIs may be gs://, KFP's own
     outputs stay on local disk); returns the pipeline's outputs.
-    A failed step raises RuntimeError naming the task; the step's own error is in the log."""
+    A failed step raises `steps.RetrainError` with the step's own message (naming the step)."""
     import logging
+    import os
+    import re
     import tempfile
+    import warnings
+    from pathlib import Path
 
     from kfp import local
 
     from ebr import storage
+    from retraining import steps
     from retraining.config import pipeline_arguments
 
     root = pipeline_root or cfg.kfp_root()
@@ -94,5 +99,23 @@ def run_locally(cfg, pipeline_root: str | None = None) -> dict:
         logging.getLogger(__name__).info("KFP's outputs of this local run go to %s (the run's "
                                          "artifacts stay under %s)", root, cfg.work_root)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=root)
-    task = build(cfg.image)(**pipeline_arguments(cfg))
+    errors = tempfile.NamedTemporaryFile(prefix="ebr-retrain-errors-", suffix=".txt", delete=False)
+    errors.close()
+    previous = os.environ.get(steps.ERROR_FILE_ENV)
+    os.environ[steps.ERROR_FILE_ENV] = errors.name  # the step subprocesses inherit it
+    try:
+        with warnings.catch_warnings():
+            # kfp.local warns on every step that the image is not a Python image: running the
+            # steps in this environment instead of the image is what a local run is for.
+            warnings.filterwarnings("ignore", message="You may be attemping", category=RuntimeWarning)
+            task = build(cfg.image)(**pipeline_arguments(cfg))
+    except RuntimeError as e:
+        reason = Path(errors.name).read_text(encoding="utf-8").strip()
+        raise steps.RetrainError(reason or re.sub(r"\x1b\[[0-9;]*m", "", str(e))) from e
+    finally:
+        if previous is None:
+            os.environ.pop(steps.ERROR_FILE_ENV, None)
+        else:
+            os.environ[steps.ERROR_FILE_ENV] = previous
+        os.unlink(errors.name)
     return {"model_version": task.outputs["model_version"], "index": task.outputs["index"]}

@@ -25,6 +25,7 @@ import dataclasses
 import datetime as _dt
 import json
 import logging
+import os
 import re
 
 from ebr import artifacts, features, storage
@@ -48,15 +49,31 @@ class GateFailed(RetrainError):
     """The candidate retrieves worse than the served model (retraining/gate.py)."""
 
 
+# Set by `retraining.pipeline.run_locally`: a local file where a failed step leaves its message,
+# so the local run can end with the reason instead of kfp.local's bare "task failed" (on Vertex
+# AI and Kubeflow the step's log shows it).
+ERROR_FILE_ENV = "EBR_RETRAIN_ERROR_FILE"
+
+
+def _report(error: RetrainError) -> None:
+    path = os.environ.get(ERROR_FILE_ENV)
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"{error}\n")
+
+
 @contextlib.contextmanager
 def step(name: str):
     """Any exception inside becomes a RetrainError whose message starts with the step's name."""
     try:
         yield
-    except RetrainError:
+    except RetrainError as e:
+        _report(e)
         raise
     except Exception as e:  # noqa: BLE001 - re-raised with the step named, cause chained
-        raise RetrainError(f"{name} step: {e}") from e
+        error = RetrainError(f"{name} step: {e}")
+        _report(error)
+        raise error from e
 
 
 def served_version(model_dir: str) -> int | None:
