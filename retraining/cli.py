@@ -1,4 +1,4 @@
-"""`ebr retrain run|compile|submit` (also `python -m retraining ...`): the retraining pipeline.
+"""`ebr retrain run|compile|submit`: the retraining pipeline.
 
   run      one run here, each step a subprocess of this Python (`kfp.local`), on any URIs;
   compile  the pipeline spec: `ebr retrain compile` rewrites the checked-in
@@ -55,23 +55,19 @@ def _submit(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub) -> None:
-    """The run / compile / submit subcommands on `sub` (an argparse subparsers action)."""
-    for name, cls, func, help_text in (
-            ("run", RetrainConfig, _run, "one run here (kfp.local, each step a subprocess)"),
-            ("compile", CompileConfig, _compile, "write the pipeline spec (default: the "
-                                                 "checked-in retraining/pipeline.yaml)"),
-            ("submit", SubmitConfig, _submit, "schedule it daily on Vertex AI Pipelines or "
-                                              "Kubeflow Pipelines")):
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        config.add_arguments(p, cls)
-        p.set_defaults(func=func)
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "retrain", help="the retraining pipeline (KFP): raw logs -> gated, published model/index",
         description="Raw logs -> examples -> train (warm start from the served pair) -> "
                     "evaluate -> gate -> embed -> index -> publish, as a Kubeflow Pipelines v2 "
                     "pipeline (Vertex AI Pipelines, Kubeflow, or locally).")
-    add_commands(p.add_subparsers(dest="retrain_command", required=True))
+    sub = p.add_subparsers(dest="retrain_command", required=True)
+    for name, cls, func, help_text in (
+            ("run", RetrainConfig, _run, "one run here (kfp.local, each step a subprocess)"),
+            ("compile", CompileConfig, _compile, "write the pipeline spec (default: the "
+                                                 "checked-in retraining/pipeline.yaml)"),
+            ("submit", SubmitConfig, _submit, "schedule it daily on Vertex AI Pipelines or "
+                                              "Kubeflow Pipelines")):
+        c = sub.add_parser(name, help=help_text, description=help_text)
+        config.add_arguments(c, cls)
+        c.set_defaults(func=func)

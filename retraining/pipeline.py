@@ -1,7 +1,7 @@
 """The retraining pipeline's wiring (KFP v2), its compiled spec and a local run.
 
 Place in the data flow: on top of every stage; retraining/pipeline.yaml is this module compiled
-(`python -m retraining compile`, the checked-in spec a test keeps current). Steps, in order,
+(`ebr retrain compile`, the checked-in spec a test keeps current). Steps, in order,
 each waiting for the one before (retraining/steps.py says what each does):
 
     validate-inputs -> make-examples -> train-candidate -> evaluate-models -> gate

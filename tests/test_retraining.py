@@ -133,7 +133,7 @@ def test_checked_in_spec_is_current_and_loads(tmp_path):
 
     checked_in = Path(pipeline.SPEC).read_text()
     assert without_sdk_version(checked_in) == without_sdk_version(text), (
-        "retraining/pipeline.yaml is stale: regenerate it with `python -m retraining compile`")
+        "retraining/pipeline.yaml is stale: regenerate it with `ebr retrain compile`")
     loaded = components.load_component_from_file(pipeline.SPEC)
     assert loaded.name == "ebr-retrain"
     spec = loaded.pipeline_spec
@@ -304,11 +304,11 @@ def test_publish_from_and_to_the_bucket(first, gcs_root):
 
 def test_missing_raw_logs_fail_the_first_step_and_nothing_is_published(tmp_path, step_env,
                                                                       capsys):
-    from retraining.__main__ import main
+    from ebr.cli import main
 
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        code = main(["run", "--raw-logs", str(tmp_path / "nope"), "--model-dir",
+        code = main(["retrain", "run", "--raw-logs", str(tmp_path / "nope"), "--model-dir",
                      str(tmp_path / "models"), "--index-base", str(tmp_path / "index"),
                      "--work-root", str(tmp_path / "work"), "--pipeline-root", str(tmp_path / "kfp")])
     assert code == 1
@@ -393,10 +393,10 @@ def test_submission_requests_build_offline_from_the_deployment_config():
 
 
 def test_submit_dry_run_prints_the_request(capsys):
-    from retraining.__main__ import main
+    from ebr.cli import main
 
     for target in ("vertex", "kubeflow"):
-        assert main(["submit", "--config", str(ROOT / "k8s/pipelines/retrain.yaml"), "--dry-run",
+        assert main(["retrain", "submit", "--config", str(ROOT / "k8s/pipelines/retrain.yaml"), "--dry-run",
                      "--target", target]) == 0
         printed = json.loads(capsys.readouterr().out)
         assert printed["target"] == target and "created" not in printed
