@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 from beam_pipelines import rawlog, split
-from ebr import features
+from ebr import config, features
 
 
 def check_num_shards(num_shards: int) -> None:
@@ -26,11 +26,9 @@ def check_num_shards(num_shards: int) -> None:
 class ExamplesConfig:
     """Settings of `ebr pipeline examples` (docs/contracts.md section 2)."""
 
-    input: str = dataclasses.field(default="", metadata={
-        "required": True, "help": "raw-log directory, any URI (docs/data-format.md)"})
-    output: str = dataclasses.field(default="", metadata={
-        "required": True, "help": "examples artifact base (any URI): each run commits a new "
-                                  "version OUT/VERSION, keeping the newest 2"})
+    input: str = config.required("raw-log directory, any URI (docs/data-format.md)")
+    output: str = config.required("examples artifact base (any URI): each run commits a new "
+                                  "version OUT/VERSION, keeping the newest 2")
     split: split.SplitConfig = dataclasses.field(default_factory=split.SplitConfig)
     history: int = features.HISTORY_LENGTH  # the searcher's last N training clicks as history
     allow_empty_query: bool = dataclasses.field(default=False, metadata={
@@ -51,14 +49,11 @@ class ExamplesConfig:
 class EmbedConfig:
     """Settings of `ebr embed` (docs/contracts.md section 4)."""
 
-    model: str = dataclasses.field(default="", metadata={
-        "required": True, "help": "MODEL_DIR/doc_tower or MODEL_DIR/doc_tower/VERSION, any URI"})
-    corpus: str = dataclasses.field(default="", metadata={
-        "required": True, "help": "examples artifact EX or EX/VERSION of `ebr pipeline "
-                                  "examples` (also EX/corpus, or a glob of corpus TFRecords)"})
-    output: str = dataclasses.field(default="", metadata={
-        "required": True, "help": "embeddings artifact base (any URI): each run commits a new "
-                                  "version EMB/VERSION, keeping the newest 2"})
+    model: str = config.required("MODEL_DIR/doc_tower or MODEL_DIR/doc_tower/VERSION, any URI")
+    corpus: str = config.required("examples artifact EX or EX/VERSION of `ebr pipeline "
+                                  "examples` (also EX/corpus, or a glob of corpus TFRecords)")
+    output: str = config.required("embeddings artifact base (any URI): each run commits a new "
+                                  "version EMB/VERSION, keeping the newest 2")
     batch_size: int = 256  # documents per doc-tower call
     num_shards: int = 0  # output shards, 0 = the runner decides
 

@@ -29,7 +29,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from beam_pipelines.config import check_num_shards
-from ebr import features
+from ebr import config, features
 
 DEFAULT_WINDOW = (101, 500)
 DEFAULT_RATIO = "100:1"
@@ -66,16 +66,12 @@ class MineConfig:
     from the fields (`ebr.config`); the rank window and the easy:hard mix are the `mining`
     section: `--set mining.window_start=101 --set mining.ratio=1:1`."""
 
-    examples: str = dataclasses.field(default="", metadata={
-        "required": True, "help": "examples artifact of `ebr pipeline examples`: EX (newest "
-                                  "committed version) or EX/VERSION, any URI"})
-    model: str = dataclasses.field(default="", metadata={
-        "required": True, "help": "MODEL_DIR/query_tower[/VERSION], any URI"})
-    index: str = dataclasses.field(default="", metadata={
-        "required": True, "help": "INDEX_BASE[/VERSION] of the same model, any URI"})
-    output: str = dataclasses.field(default="", metadata={
-        "required": True, "help": "examples artifact base, any URI: each run commits a new "
-                                  "version OUT/VERSION of the same layout"})
+    examples: str = config.required("examples artifact of `ebr pipeline examples`: EX (newest "
+                                    "committed version) or EX/VERSION, any URI")
+    model: str = config.required("MODEL_DIR/query_tower[/VERSION], any URI")
+    index: str = config.required("INDEX_BASE[/VERSION] of the same model, any URI")
+    output: str = config.required("examples artifact base, any URI: each run commits a new "
+                                  "version OUT/VERSION of the same layout")
     mining: MiningConfig = dataclasses.field(default_factory=MiningConfig)
     batch_size: int = 256  # queries embedded and searched per batch
     search_params: dict | None = None  # backend search params, e.g. nprobe=64

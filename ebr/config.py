@@ -140,6 +140,23 @@ def load(cls: type[T], path: str | None = None, overrides: list[str] | None = No
     return from_dict(cls, _apply_overrides(data, list(overrides or [])))
 
 
+# --- fields -------------------------------------------------------------------------------
+
+def setting(default: Any = None, help: str = "", **metadata: Any) -> Any:
+    """A dataclass field with its flag's help text and the metadata above ("flags",
+    "positional", "required", "choices"); a list or dict default is copied per instance."""
+    metadata = {"help": help, **metadata}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def required(help: str, **metadata: Any) -> Any:
+    """A string setting with no default: the command fails naming its flag unless it is given
+    (a flag, the `--config` file or `--set`)."""
+    return setting("", help, required=True, **metadata)
+
+
 # --- flags --------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)

@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from ebr import config
 from index.builder import BACKENDS
-
-
-def _required(help_text: str) -> dataclasses.Field:
-    return dataclasses.field(default="", metadata={"required": True, "help": help_text})
 
 
 def _exactly_one(cfg, names: tuple[str, str]) -> None:
@@ -30,8 +27,9 @@ def _exactly_one(cfg, names: tuple[str, str]) -> None:
 @dataclasses.dataclass
 class IndexBuildConfig:
     """`ebr index build`: embeddings -> INDEX_BASE/<next version>."""
-    embeddings: str = _required("EMB or EMB/VERSION written by `ebr embed` (any URI)")
-    output: str = _required("INDEX_BASE (any URI): the build becomes INDEX_BASE/<next version>")
+    embeddings: str = config.required("EMB or EMB/VERSION written by `ebr embed` (any URI)")
+    output: str = config.required("INDEX_BASE (any URI): the build becomes "
+                                  "INDEX_BASE/<next version>")
     backend: str = dataclasses.field(default="faiss", metadata={
         "choices": BACKENDS, "help": f"ANN backend: {' | '.join(BACKENDS)}"})
     factory: str | None = None  # FAISS index_factory string (default: index/defaults.py)
@@ -50,7 +48,7 @@ class IndexBuildConfig:
 @dataclasses.dataclass
 class IndexSweepConfig:
     """`ebr index sweep`: the ANN parameter study (index/sweep.py)."""
-    output: str = _required("report directory (any URI)")
+    output: str = config.required("report directory (any URI)")
     embeddings: str | None = None  # EMB or EMB/VERSION (documents, any URI); or --synthetic
     synthetic: int | None = None  # N synthetic clustered documents instead of --embeddings
     query_vectors: str | None = dataclasses.field(default=None, metadata={"help": (
@@ -71,7 +69,7 @@ class IndexSweepConfig:
 @dataclasses.dataclass
 class IndexQueryConfig:
     """`ebr index query`: top-k or radius search with an optional boolean filter."""
-    index: str = _required("INDEX_BASE or INDEX_BASE/VERSION (any URI)")
+    index: str = config.required("INDEX_BASE or INDEX_BASE/VERSION (any URI)")
     vector_file: str | None = None  # .npy [D] or [Q, D], or a JSON list (any URI)
     doc_id: str | None = None  # use this indexed document's embedding (reconstructed)
     embeddings: str | None = None  # EMB or EMB/VERSION to read --doc-id's exact embedding from
@@ -89,4 +87,4 @@ class IndexQueryConfig:
 @dataclasses.dataclass
 class IndexInspectConfig:
     """`ebr index inspect`: a version's manifest, its files verified."""
-    index: str = _required("INDEX_BASE or INDEX_BASE/VERSION (any URI)")
+    index: str = config.required("INDEX_BASE or INDEX_BASE/VERSION (any URI)")

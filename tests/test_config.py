@@ -20,11 +20,11 @@ class Inner:
 @dataclasses.dataclass
 class Cmd:
     query: str = dataclasses.field(default="", metadata={"positional": True, "help": "query text"})
-    output: str = dataclasses.field(default="", metadata={"required": True})
+    output: str = config.required("where the output goes")
     batch_size: int = 256  # examples per batch
     k: int = dataclasses.field(default=10, metadata={"flags": ("-k",)})
     shuffle: bool = True  # reshuffle every epoch
-    ks: list[int] = dataclasses.field(default_factory=lambda: [10, 50])
+    ks: list[int] = config.setting([10, 50], "recall cut-offs")
     params: dict | None = None  # backend search parameters
     radius: float | None = None
     mode: str = dataclasses.field(default="hash", metadata={"choices": ("hash", "time")})
@@ -87,6 +87,8 @@ def test_help_shows_comments_and_defaults():
     assert "--no-shuffle" in text and "-k K" in text
     assert "inner settings" in text and "--inner.ratio RATIO" in text
     assert "--batch_size" not in text  # the settings' own spelling is accepted, not listed
+    assert "where the output goes" in text and "recall cut-offs (default: [10, 50])" in text
+    assert Cmd().ks is not Cmd().ks  # a list default is copied per instance
 
 
 def test_section_flags_and_the_settings_own_spelling():

@@ -5,15 +5,15 @@ evaluate`).
 Every default lives here. `ebr.config` turns these dataclasses into flags (`batch_size` ->
 `--batch-size`, the nested loss settings to `--loss.temperature`; Vertex AI's `--batch_size`
 spelling is accepted too), reads `--config FILE` and `--set key=value` and records the resolved
-configuration; the module imports no TensorFlow, so building the `ebr` command line stays fast. Hash sizes default to `ebr.features`;
-`hash_bucket_cap` and the `text_*_buckets` fields shrink them for tests and small data (recorded
-in the export metadata).
+configuration; the module imports no TensorFlow, so building the `ebr` command line stays fast.
+Hash sizes default to `ebr.features`; `hash_bucket_cap` and the `text_*_buckets` fields shrink
+them for tests and small data (recorded in the export metadata).
 """
 from __future__ import annotations
 
 import dataclasses
 
-from ebr import features
+from ebr import config, features
 
 # File patterns inside one examples version (docs/contracts.md section 2).
 TRAIN_PATTERN = "train/examples-*.tfrecord.gz"
@@ -27,14 +27,6 @@ LOGQ = ("none", "pipeline", "streaming")
 MIXED_SOURCES = ("tower", "cache")
 REDUCTIONS = ("sum", "mean")
 OPTIMIZERS = ("adam", "adagrad", "sgd")
-
-
-def _field(default, help_text: str, **metadata):
-    """A field with its flag's help text (and `ebr.config` metadata such as extra flag names)."""
-    metadata = {"help": help_text, **metadata}
-    if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclasses.dataclass
@@ -84,29 +76,30 @@ class LossConfig:
 @dataclasses.dataclass
 class TrainConfig:
     # --- data (`ebr pipeline examples`, docs/contracts.md section 2) -----------------------
-    data_dir: str = _field("", "examples artifact of `ebr pipeline examples`: EX (newest committed "
-                               "version) or EX/VERSION, any URI", required=True)
+    data_dir: str = config.required("examples artifact of `ebr pipeline examples`: EX (newest "
+                                    "committed version) or EX/VERSION, any URI")
     train_pattern: str = TRAIN_PATTERN  # inside the resolved examples version directory
     eval_pattern: str = EVAL_PATTERN  # inside the examples version; no match: no evaluation
     corpus_pattern: str = CORPUS_PATTERN  # inside the examples version
     # --- outputs: URIs (local or gs://); Vertex AI's AIP_* variables fill these when empty -
-    model_dir: str = _field("", "export base, any URI (empty: AIP_MODEL_DIR)")
-    checkpoint_dir: str = _field("", "checkpoints, any URI (empty: AIP_CHECKPOINT_DIR, else "
-                                     "MODEL_DIR/checkpoints)")
-    tensorboard_dir: str = _field("", "TensorBoard logs, any URI (empty: AIP_TENSORBOARD_LOG_DIR, "
-                                      "else MODEL_DIR/logs)")
+    model_dir: str = config.setting("", "export base, any URI (empty: AIP_MODEL_DIR)")
+    checkpoint_dir: str = config.setting("", "checkpoints, any URI (empty: AIP_CHECKPOINT_DIR, "
+                                              "else MODEL_DIR/checkpoints)")
+    tensorboard_dir: str = config.setting("", "TensorBoard logs, any URI (empty: "
+                                               "AIP_TENSORBOARD_LOG_DIR, else MODEL_DIR/logs)")
     version: int = 0  # export version; 0 = one more than the newest already in model_dir
     output: str = ""  # also write the result JSON here (any URI)
     # --- model ---------------------------------------------------------------------------
     embedding_dim: int = 64  # output dimension of both towers (L2-normalised)
     feature_dim: int = 32  # per-feature embedding size (categorical, multi, history)
     text_dim: int = 64  # n-gram embedding size (char and word tables each)
-    hidden_units: list[int] = _field([256], "MLP layer sizes of each tower, before the output layer")
+    hidden_units: list[int] = config.setting([256], "MLP layer sizes of each tower, before the "
+                                                    "output layer")
     share_text_tables: bool = True  # paper: the towers share some parameters
     history_attention: bool = True  # history pooled by attention on the query text, plus mean
     # The serving signatures take every input of the schema and ignore the rest, so clients,
     # pipelines and TF Serving configs stay the same whatever the towers embed.
-    tower_features: list[str] = _field(
+    tower_features: list[str] = config.setting(
         [], "schema features the towers embed; empty = all. query,doc_text is the text-only "
             "baseline the paper measures the unified model against")
     hash_bucket_cap: int = 0  # 0 = schema sizes; else min(schema size, cap) per table
@@ -126,7 +119,8 @@ class TrainConfig:
     seed: int = 42
     # --- job -----------------------------------------------------------------------------
     checkpoint_every_steps: int = 200  # BackupAndRestore frequency (resume after a kill)
-    eval_ks: list[int] = _field(list(DEFAULT_KS), "recall@K cut-offs of the evaluation after training")
+    eval_ks: list[int] = config.setting(list(DEFAULT_KS), "recall@K cut-offs of the evaluation "
+                                                          "after training")
     eval_batch_size: int = 1024
     hypertune_metric: str = "recall_at_100"  # headline metric reported in the cloudml-hypertune file
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
@@ -205,17 +199,17 @@ def architecture_mismatch(config: TrainConfig, exported: dict) -> str | None:
 @dataclasses.dataclass
 class EvaluateConfig:
     """`ebr evaluate`: recall@K of exported towers on the held-out split (`trainer.evaluate`)."""
-    model: str = _field("", "query tower export: MODEL_DIR/query_tower[/VERSION], any URI",
-                        required=True)
-    doc_model: str = _field("", "doc tower export: MODEL_DIR/doc_tower[/VERSION] (empty: the "
-                                "query tower's sibling of the same version)")
-    data_dir: str = _field("", "examples artifact of `ebr pipeline examples`: EX or EX/VERSION",
-                           required=True)
-    eval_pattern: str = _field("", f"held-out examples, any URI (empty: EX/VERSION/{EVAL_PATTERN})")
-    corpus: str = _field("", f"corpus files, any URI (empty: EX/VERSION/{CORPUS_PATTERN})")
-    ks: list[int] = _field(list(DEFAULT_KS), "recall@K cut-offs")
-    exclude_train: bool = _field(True, "also report the protocol that removes the searcher's "
-                                       "training items")
+    model: str = config.required("query tower export: MODEL_DIR/query_tower[/VERSION], any URI")
+    doc_model: str = config.setting("", "doc tower export: MODEL_DIR/doc_tower[/VERSION] (empty: "
+                                         "the query tower's sibling of the same version)")
+    data_dir: str = config.required("examples artifact of `ebr pipeline examples`: EX or "
+                                    "EX/VERSION")
+    eval_pattern: str = config.setting("", f"held-out examples, any URI (empty: "
+                                            f"EX/VERSION/{EVAL_PATTERN})")
+    corpus: str = config.setting("", f"corpus files, any URI (empty: EX/VERSION/{CORPUS_PATTERN})")
+    ks: list[int] = config.setting(list(DEFAULT_KS), "recall@K cut-offs")
+    exclude_train: bool = config.setting(True, "also report the protocol that removes the "
+                                                "searcher's training items")
     batch_size: int = 1024
     output: str = ""  # write the JSON report here (any URI); the configuration goes beside it
 

@@ -23,13 +23,13 @@ _OUT_HELP = ("output directory, any URI (local, gs://); an earlier raw-log outpu
 @dataclasses.dataclass
 class SocialDataConfig(SocialConfig):
     """`ebr data social`: the generator's settings and where the logs go."""
-    out: str = dataclasses.field(default="", metadata={"required": True, "help": _OUT_HELP})
+    out: str = config.required(_OUT_HELP)
 
 
 @dataclasses.dataclass
 class MovielensDataConfig(MovielensConfig):
     """`ebr data movielens`: where MovieLens-100K comes from and where the logs go."""
-    out: str = dataclasses.field(default="", metadata={"required": True, "help": _OUT_HELP})
+    out: str = config.required(_OUT_HELP)
 
 
 def _settings(cfg, cls: type):

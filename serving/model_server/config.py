@@ -1,11 +1,13 @@
 """The model server's settings: `ebr serve model` and `python -m serving.model_server` generate
 their flags from `ModelServerConfig` (`ebr.config.add_arguments`), and `start_model_server` and
-the registry take their defaults from here. Standard library only, so building the `ebr` parser
-loads neither gRPC nor TensorFlow.
+the registry take their defaults from here. Standard library and `ebr.config` only, so building
+the `ebr` parser loads neither gRPC nor TensorFlow.
 """
 from __future__ import annotations
 
 import dataclasses
+
+from ebr import config
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_SIGNATURE = "serving_default"
@@ -16,10 +18,9 @@ DEFAULT_MAX_LOAD_RETRY_SECONDS = 60.0  # cap of the backoff (TF Serving's retry 
 
 @dataclasses.dataclass
 class ModelServerConfig:
-    model_base_path: str = dataclasses.field(default="", metadata={
-        "required": True,
-        "help": "BASE (any URI, e.g. gs://bucket/models) with committed "
-                "BASE/NAME/VERSION/saved_model.pb; every NAME is a model"})
+    model_base_path: str = config.required(
+        "BASE (any URI, e.g. gs://bucket/models) with committed BASE/NAME/VERSION/saved_model.pb; "
+        "every NAME is a model")
     host: str = "0.0.0.0"  # address to bind
     port: int = 8500  # gRPC port (0 = any free port)
     rest_port: int = 0  # REST port for /v1/models/... and metrics (0 = no REST)
