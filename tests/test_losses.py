@@ -463,3 +463,88 @@ def test_queue_and_cache_negatives_do_not_collapse_training():
     for name, (spread, rec) in (("cbns", cbns), ("mns_cache", cache)):
         assert spread > 0.5 * base[0], (name, spread, base)
         assert rec > 0.8 * base[1], (name, rec, base)
+
+
+# --------------------------------------------------------------------------- fused stale path
+
+SPLIT_CASES = {
+    "cbns_logq_extra": dict(logq="pipeline", queue_size=24, queue_warmup_steps=0),
+    "cbns_mns_cache_streaming": dict(logq="streaming", estimator_buckets=1009, queue_size=24,
+                                     queue_warmup_steps=0, mixed_negatives=5,
+                                     mixed_source="cache"),
+    "mns_cache_logq": dict(logq="pipeline", mixed_negatives=7, mixed_source="cache"),
+    "cbns_mean_no_hit_removal": dict(logq="pipeline", queue_size=24, queue_warmup_steps=0,
+                                     reduction="mean", temperature=0.1,
+                                     remove_accidental_hits=False),
+    "cbns_warming_up": dict(logq="pipeline", queue_size=24, queue_warmup_steps=5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPLIT_CASES))
+@pytest.mark.parametrize("extras", [False, True])
+def test_fused_stale_path_equals_full_logits_formula(name, extras):
+    """The training call with stale columns (queue / cache) computes the loss without the
+    [B, N] logits of the whole pool (`_softmax_split`, `pool_logsumexp`); its loss and
+    gradients (queries, documents, extra negatives) must equal the full-logits formula
+    `_softmax(compute_logits(...))` on the same state: random inputs, a partly filled queue,
+    duplicate ids (accidental hits in-batch, in the queue, cache and extra columns), padding,
+    logQ."""
+    b, d, corpus = 16, 8, 30
+    rng = np.random.default_rng(11)
+    vocab = [f"d{i}" for i in range(corpus)]
+    pos_ids = [vocab[i] for i in rng.integers(0, 12, b)]  # popular ids: duplicates and hits
+    pos_ids[3] = ""  # a padding row
+    kw = dict(pos_ids=tf.constant(pos_ids),
+              pos_prob=tf.constant(rng.uniform(0.0, 0.05, b).astype(np.float32)))
+    kw["pos_prob"] = tf.tensor_scatter_nd_update(kw["pos_prob"], [[5]], [0.0])  # no recorded p
+    layer = RetrievalLoss(LossConfig(**SPLIT_CASES[name]), corpus, embedding_dim=d)
+    if layer.cache is not None:
+        table = _unit(rng, corpus, d)
+        layer.cache.maybe_refresh(0, embed_fn=lambda r: tf.gather(table, r),
+                                  ids=tf.constant(vocab),
+                                  probs=tf.constant(rng.uniform(0, 0.05, corpus).astype(np.float32)))
+    if layer.queue is not None:  # 20 of 24 slots filled: 4 invalid; ids overlap the batch
+        layer.queue.enqueue(_unit(rng, 20, d), _ids([vocab[i] for i in rng.integers(0, 12, 20)]),
+                            tf.constant(rng.uniform(0.001, 0.05, 20).astype(np.float32)))
+    if layer.estimator is not None:
+        layer.estimator.update(_ids(pos_ids), 1)
+    q, dv = tf.Variable(_unit(rng, b, d)), tf.Variable(_unit(rng, b, d))
+    e = tf.Variable(_unit(rng, b, 3, d))
+    if extras:
+        e_ids = [[vocab[i] for i in row] for row in rng.integers(0, 12, (b, 3))]
+        e_ids[0][2] = ""
+        kw["extra_neg_emb"], kw["extra_neg_ids"] = e, tf.constant(e_ids)
+    else:
+        kw["extra_neg_emb"] = None
+    step = int(layer.step)
+    with tf.GradientTape(persistent=True) as tape:
+        layer.step.assign(step + 1)  # the step the call below runs as
+        out = layer.compute_logits(q, dv, training=True, **kw)
+        ref = tf.reduce_sum(layer._softmax(out))
+        if layer.config.reduction == "mean":
+            ref = ref / b
+        layer.step.assign(step)
+        if layer.estimator is not None:  # the call updates the estimator first: same state
+            layer.estimator.update(_ids(pos_ids), step + 1)
+        loss = layer(q, dv, training=True, **kw)
+    assert out["pool"]["has_stale"]
+    assert float(ref) > 0
+    np.testing.assert_allclose(float(loss), float(ref), rtol=2e-6)
+    sources = [q, dv] + ([e] if extras else [])
+    for got, want in zip(tape.gradient(loss, sources), tape.gradient(ref, sources)):
+        # float32 rounding: a few ulp of the gradient's largest entry
+        scale = max(1.0, float(np.abs(want.numpy()).max()))
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6 * scale)
+
+
+def test_hit_indices_equal_dense_comparison():
+    from trainer.losses import _hit_indices
+
+    rng = np.random.default_rng(5)
+    for n, b, vocab in ((40, 12, 6), (300, 64, 50), (9, 9, 1000)):
+        pos = rng.integers(-1, vocab, b)  # -1 = padding
+        ids = np.concatenate([pos, rng.integers(-1, vocab, n - b)])
+        got = _hit_indices(tf.constant(ids, tf.int64), tf.constant(pos, tf.int64)).numpy()
+        want = np.argwhere((ids[None, :] == pos[:, None]) & (pos[:, None] != -1))
+        want = want[want[:, 0] != want[:, 1]]
+        assert sorted(map(tuple, got)) == sorted(map(tuple, want))

@@ -53,6 +53,14 @@ tower-mixed and extra negatives; same q_j): `doc_logits` in `compute_logits`, ad
 like a MoCo key. With the triplet loss, a hinge against a stale column gives no gradient to the
 positive document either. Without stale columns nothing changes.
 
+Cost of stale columns (softmax without online hard negatives): the training call does not build
+the full-pool [B, N] logits of `compute_logits` (N = B + queue 4096 made their masks, id and logQ
+copies cost more than the matmul). The query side's cross-entropy is lse_i - logit_ii with lse_i
+from `pool_logsumexp`: one matmul with the temperature folded into the queries and -logQ / the
+validity mask as its per-column bias, the accidental hits (found by binary search, no [B, N] id
+comparison) scattered in, one softmax kernel, and a custom gradient of one [B, N] x [N, D] matmul.
+`compute_logits` keeps the full formula; tests pin the two to the same loss and gradients.
+
 Online hard negatives with softmax (`hard_negatives=k > 0`): only the positive and the k
 highest-logit valid columns of each row enter the softmax (`tfrs.layers.loss.HardNegativeMining`).
 
@@ -86,6 +94,66 @@ from trainer import negatives as neg
 from trainer.config import LossConfig
 
 MIN_FLOAT = np.finfo(np.float32).min / 100.0  # TFRS's "minus infinity" for masked logits
+
+
+def _hit_indices(ids, pos_ids):
+    """(row, column) pairs [H, 2], column j != row i, where column id ids[j] equals row i's
+    positive id (padding excluded): the accidental hits. No [B, N] comparison: a binary search
+    of each column id among the sorted positive ids gives the rows it hits (a contiguous run of
+    the sort order), and the runs are enumerated directly. Column i of row i is its label,
+    never a hit."""
+    order = tf.argsort(pos_ids, stable=True)  # B values: a cheap sort (int32 positions)
+    sorted_pos = tf.gather(pos_ids, order)
+    lo = tf.searchsorted(sorted_pos, ids, side="left", out_type=tf.int32)
+    hi = tf.searchsorted(sorted_pos, ids, side="right", out_type=tf.int32)
+    counts = tf.where(ids != neg.PAD_ID, hi - lo, 0)  # rows hit by column j
+    ends = tf.cumsum(counts)
+    k = tf.range(ends[-1], dtype=tf.int32)  # pair index
+    cols = tf.searchsorted(ends, k, side="right", out_type=tf.int32)
+    rows = tf.gather(order, tf.gather(lo, cols) + k - tf.gather(ends - counts, cols))
+    keep = rows != cols
+    return tf.stack([tf.boolean_mask(rows, keep), tf.boolean_mask(cols, keep)], 1)
+
+
+def _pool_logits(query, emb, log_q, ids, valid, pos_ids, temperature, remove_hits):
+    """Masked logits [B, N] of the shared columns, as `_masked_logits` (column i of row i is its
+    label, always kept): the temperature folded into the query side and -logQ (or "minus
+    infinity" for an invalid column) added as the bias of one fused matmul; accidental hits
+    scattered in. No [B, N] mask, id or logQ copies."""
+    bias = tf.where(valid, -log_q, tf.cast(MIN_FLOAT, log_q.dtype))
+    b = tf.shape(query)[0]
+    bias = tf.tensor_scatter_nd_update(bias, tf.range(b)[:, None], -log_q[:b])  # labels kept
+    logits = tf.nn.bias_add(tf.matmul(query / temperature, emb, transpose_b=True), bias)
+    if remove_hits:
+        hits = _hit_indices(ids, pos_ids)
+        logits = tf.tensor_scatter_nd_update(
+            logits, hits, tf.fill(tf.shape(hits)[:1], tf.cast(MIN_FLOAT, logits.dtype)))
+    return logits
+
+
+def pool_logsumexp(query, emb, log_q, ids, valid, pos_ids, temperature: float,
+                   remove_hits: bool) -> tf.Tensor:
+    """Row log-sum-exp [B] of the masked shared-column logits (`_pool_logits`) and its gradient
+    to `query` only (`emb` is treated as constant: stop-gradient copies). Forward: one fused
+    matmul + bias, one softmax kernel and two row maxima (lse_i = max_j z_ij - log max_j
+    softmax_ij); backward: one [B, N] x [N, D] matmul of the saved softmax, the per-row factor
+    applied after it. The queue's [N, D] layout is what both matmuls read."""
+    temperature, remove_hits = float(temperature), bool(remove_hits)
+    emb = tf.cast(emb, query.dtype)
+    log_q = tf.cast(log_q, query.dtype)
+
+    @tf.custom_gradient
+    def lse(q):
+        logits = _pool_logits(q, emb, log_q, ids, valid, pos_ids, temperature, remove_hits)
+        softmax = tf.nn.softmax(logits)
+        value = tf.reduce_max(logits, 1) - tf.math.log(tf.reduce_max(softmax, 1))
+
+        def grad(g):
+            # d lse_i / d u_i = sum_j softmax_ij v_j / T
+            return tf.matmul(softmax, emb) * (g / temperature)[:, None]
+        return value, grad
+
+    return lse(query)
 
 
 class RetrievalLoss(tf.keras.layers.Layer):
@@ -234,7 +302,7 @@ class RetrievalLoss(tf.keras.layers.Layer):
 
     def compute_logits(self, query_emb, pos_emb, pos_ids, pos_prob, extra_neg_emb=None,
                        extra_neg_ids=None, mixed_emb=None, mixed_ids=None, training=True,
-                       mixed_prob=None) -> dict:
+                       mixed_prob=None, _prepared=None) -> dict:
         """Corrected, masked logits [B, N + K] with the positive of row i in column i.
 
         Returns dict(logits, scores (cosine, unscaled), log_q [B, N + K], valid [B, N + K] (False
@@ -246,13 +314,31 @@ class RetrievalLoss(tf.keras.layers.Layer):
         tower-mixed, extra) carry the document side's gradient ("Stale negatives" in the module
         docstring).
         """
+        query_emb, pos_ids, pool, extra = _prepared or self._prepare(
+            query_emb, pos_emb, pos_ids, pos_prob, extra_neg_emb, extra_neg_ids, mixed_emb,
+            mixed_ids, training, mixed_prob)
+        stale = pool["has_stale"]
+        log_q = self._log_q(pool)
+        sg = tf.stop_gradient
+        out = self._masked_logits(query_emb, sg(pool["emb"]) if stale else pool["emb"], log_q,
+                                  pool["ids"], pool["valid"], pos_ids, extra, sg if stale else None)
+        out["pool"] = pool
+        if stale:
+            # In-batch columns come first, so row i's positive stays in column i.
+            fp = pool["fresh_pool"]
+            doc = self._masked_logits(sg(query_emb), fp["emb"], self._log_q(fp), fp["ids"],
+                                      fp["valid"], pos_ids, extra, None)
+            out["doc_logits"], out["doc_labels"] = doc["logits"], doc["labels"]
+        return out
+
+    def _prepare(self, query_emb, pos_emb, pos_ids, pos_prob, extra_neg_emb, extra_neg_ids,
+                 mixed_emb, mixed_ids, training, mixed_prob):
+        """(query_emb, hashed pos_ids, pool, extra (emb, ids, valid) or None)."""
         query_emb = tf.convert_to_tensor(query_emb)
         pos_emb = tf.cast(pos_emb, query_emb.dtype)
         self._build_state(int(query_emb.shape[-1]))
         pos_ids = neg.hash_ids(pos_ids)
         pool = self._pool(pos_emb, pos_ids, pos_prob, mixed_emb, mixed_ids, mixed_prob, training)
-        stale = pool["has_stale"]
-        log_q = self._log_q(pool)
         extra = None
         if extra_neg_emb is not None:
             extra_neg_emb = tf.cast(extra_neg_emb, query_emb.dtype)
@@ -265,17 +351,7 @@ class RetrievalLoss(tf.keras.layers.Layer):
                 e_ids = neg.hash_ids(extra_neg_ids)
                 e_valid = e_ids != neg.PAD_ID
             extra = (extra_neg_emb, e_ids, e_valid)
-        sg = tf.stop_gradient
-        out = self._masked_logits(query_emb, sg(pool["emb"]) if stale else pool["emb"], log_q,
-                                  pool["ids"], pool["valid"], pos_ids, extra, sg if stale else None)
-        out["pool"] = pool
-        if stale:
-            # In-batch columns come first, so row i's positive stays in column i.
-            fp = pool["fresh_pool"]
-            doc = self._masked_logits(sg(query_emb), fp["emb"], self._log_q(fp), fp["ids"],
-                                      fp["valid"], pos_ids, extra, None)
-            out["doc_logits"], out["doc_labels"] = doc["logits"], doc["labels"]
-        return out
+        return query_emb, pos_ids, pool, extra
 
     def _masked_logits(self, query_emb, cand_emb, log_q, cand_ids, cand_valid, pos_ids, extra,
                        extra_grad) -> dict:
@@ -336,6 +412,48 @@ class RetrievalLoss(tf.keras.layers.Layer):
             per_row = per_row + (doc - tf.stop_gradient(doc))
         return per_row
 
+    def _softmax_split(self, query_emb, pos_ids, pool, extra) -> tf.Tensor:
+        """`_softmax` of a pool with stale columns, without the [B, N] logits of the whole pool.
+
+        Same per-row loss and gradients as `_softmax(compute_logits(...))`. Query side: the
+        full-pool cross-entropy of row i is lse_i - logit_ii, with lse_i the log-sum-exp of all
+        its valid columns (document side stopped, as in the full logits): `pool_logsumexp`
+        over the shared columns (one pass over the [B, N] block, gradient to the queries only),
+        joined with the [B, K] extra columns. Document side: the fresh columns' softmax, as in
+        `compute_logits` ("Stale negatives" in the module docstring).
+        """
+        c, sg = self.config, tf.stop_gradient
+        t = c.temperature
+        log_q = self._log_q(pool)
+        emb = sg(tf.cast(pool["emb"], query_emb.dtype))
+        lse = pool_logsumexp(query_emb, emb, log_q, pool["ids"], pool["valid"], pos_ids, t,
+                             c.remove_accidental_hits)
+        b = tf.shape(query_emb)[0]
+        pos_logit = tf.reduce_sum((query_emb / t) * emb[:b], 1) - tf.cast(log_q[:b], emb.dtype)
+        if extra is not None:
+            e_emb, e_ids, e_valid = extra
+            e_logits = tf.einsum("bd,bkd->bk", query_emb, sg(e_emb)) / t  # q = 1
+            e_keep = e_valid
+            if c.remove_accidental_hits:
+                pos_col = pos_ids[:, None]
+                e_keep = tf.logical_and(e_keep, tf.logical_not(tf.logical_and(
+                    tf.equal(e_ids, pos_col), pos_col != neg.PAD_ID)))
+            e_logits = tf.where(e_keep, e_logits, tf.cast(MIN_FLOAT, e_logits.dtype))
+            lse = tf.reduce_logsumexp(tf.concat([lse[:, None], e_logits], 1), 1)
+        per_row = lse - pos_logit
+        fp = pool["fresh_pool"]
+        if extra is None:  # the same fused masking, differentiated by TF (documents only)
+            logits = _pool_logits(sg(query_emb), tf.cast(fp["emb"], query_emb.dtype),
+                                  tf.cast(self._log_q(fp), query_emb.dtype), fp["ids"],
+                                  fp["valid"], pos_ids, t, c.remove_accidental_hits)
+            labels = tf.eye(b, tf.shape(logits)[1], dtype=logits.dtype)
+        else:
+            doc = self._masked_logits(sg(query_emb), fp["emb"], self._log_q(fp), fp["ids"],
+                                      fp["valid"], pos_ids, extra, None)
+            logits, labels = doc["logits"], doc["labels"]
+        ce_doc = tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+        return per_row + (ce_doc - sg(ce_doc))
+
     def _triplet(self, out, n_shared) -> tf.Tensor:
         c = self.config
         cos = out["cos"]
@@ -377,12 +495,20 @@ class RetrievalLoss(tf.keras.layers.Layer):
         if training and self.estimator is not None:
             # Canonical (replica-ordered) ids: every replica applies the identical update.
             self.estimator.update(neg.gather_replicas(neg.hash_ids(pos_ids)), self.step)
-        out = self.compute_logits(query_emb, pos_emb, pos_ids, pos_prob, extra_neg_emb,
-                                  extra_neg_ids, mixed_emb, mixed_ids, training, mixed_prob)
-        pool = out["pool"]
-        if c.loss == "softmax":
-            per_row = self._softmax(out)
+        prepared = self._prepare(query_emb, pos_emb, pos_ids, pos_prob, extra_neg_emb,
+                                 extra_neg_ids, mixed_emb, mixed_ids, training, mixed_prob)
+        pool = prepared[2]
+        if c.loss == "softmax" and pool["has_stale"] and not c.hard_negatives:
+            per_row = self._softmax_split(*prepared)
+        elif c.loss == "softmax":
+            per_row = self._softmax(self.compute_logits(query_emb, pos_emb, pos_ids, pos_prob,
+                                                        extra_neg_emb, extra_neg_ids, mixed_emb,
+                                                        mixed_ids, training, mixed_prob,
+                                                        _prepared=prepared))
         else:
+            out = self.compute_logits(query_emb, pos_emb, pos_ids, pos_prob, extra_neg_emb,
+                                      extra_neg_ids, mixed_emb, mixed_ids, training, mixed_prob,
+                                      _prepared=prepared)
             n_shared = tf.shape(pool["ids"])[0]
             cand = tf.math.l2_normalize(pool["emb"], -1)
             qn = tf.math.l2_normalize(query_emb, -1)
