@@ -141,13 +141,17 @@ class KubeflowConfig:
 @dataclasses.dataclass
 class RetrainConfig:
     """`ebr retrain run|submit`: one retraining run, and where and when it is submitted."""
-    raw_logs: str = ebr_config.required("the raw-log directory to train on, any URI (docs/data-format.md)")
-    model_dir: str = ebr_config.required("served MODEL_DIR, any URI: TF Serving polls it; a candidate that "
-                               "passes the gate is published here as its next version")
-    index_base: str = ebr_config.required("served INDEX_BASE, any URI: the retrieval service hot-reloads "
-                                "its newest version; the candidate's index is published here")
-    work_root: str = ebr_config.required("staging, any URI: each run writes WORK_ROOT/RUN/{examples, "
-                               "candidate, evaluation.json, embeddings, index}; nothing served")
+    raw_logs: str = ebr_config.required(
+        "the raw-log directory to train on, any URI (docs/data-format.md)")
+    model_dir: str = ebr_config.required(
+        "served MODEL_DIR, any URI: TF Serving polls it; a candidate that passes the gate is "
+        "published here as its next version")
+    index_base: str = ebr_config.required(
+        "served INDEX_BASE, any URI: the retrieval service hot-reloads its newest version; the "
+        "candidate's index is published here")
+    work_root: str = ebr_config.required(
+        "staging, any URI: each run writes WORK_ROOT/RUN/{examples, candidate, evaluation.json, "
+        "embeddings, index}; nothing served")
     pipeline_root: str = ""  # KFP's own outputs (metrics, plot), any URI; empty: WORK_ROOT/kfp
     warm_start: bool = True  # start the candidate from the served pair when there is one
     image: str = DEFAULT_IMAGE  # container image of every step: this repository's Dockerfile
