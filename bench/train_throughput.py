@@ -15,7 +15,19 @@ MNS cache's refresh cadence (100), so every timed repeat of `mns_cache1024` cont
 cache refresh: the cost a user pays, amortised (`cache_refreshes_in_timed_steps` counts them).
 Reported: median examples/s over the repeats (also per core), process CPU ms per step, and
 overhead = 1 - eps(variant) / eps(in_batch) (wall) and cpu(variant) / cpu(in_batch) - 1 (CPU).
-Target for queue and mixed negatives: overhead under 10%. Prints JSON (also --output).
+Target for queue and mixed negatives: overhead under 10%.
+
+Two more figures put the numbers in context (`--profile-steps`, 0 to skip):
+- `tfrs_basic`: the TFRS basic retrieval recipe (tensorflow/recommenders
+  docs/examples/basic_retrieval.ipynb: an id lookup + embedding per tower, `tfrs.tasks.Retrieval`
+  with in-batch softmax; metrics off in training, as TFRS advises for speed) on the same cached
+  batches, timed in the same round-robin: what a bare two-tower step costs on these cores.
+- `profile`: where a step's time goes, by stage ablation. For each profiled variant four traced
+  functions run on the same batches: the towers alone (forward), the towers and the loss
+  (`compute_loss`: pool, queue / cache reads, logits), the same plus the backward pass
+  (`GradientTape.gradient`), and the full train step (plus the optimizer update and the queue /
+  cache writes). Differences of their median CPU ms give towers, loss, backward and optimizer.
+Prints JSON (also --output).
 """
 from __future__ import annotations
 
@@ -45,6 +57,8 @@ VARIANTS = {
     "softmax_hard64": ["loss.logq=pipeline", "loss.hard_negatives=64"],
 }
 QUEUE_OR_MIXED = ("cbns_queue4096", "mns_tower256", "mns_cache1024")
+PROFILED = ("in_batch", "cbns_queue4096", "mns_cache1024", "tfrs_basic")
+TFRS_BASIC = "tfrs_basic"
 
 
 N_BATCHES = 40  # distinct batches cached in memory
@@ -73,10 +87,103 @@ def build(name: str, overrides: list[str], args, corpus, ds):
     return model, step, it
 
 
+class BasicRetrieval:
+    """The TFRS basic retrieval recipe's model (`basic_retrieval.ipynb`): StringLookup +
+    Embedding per tower over the searcher and document ids, `tfrs.tasks.Retrieval` (in-batch
+    softmax), Adagrad(0.1) as in the tutorial; no training metrics."""
+
+    @staticmethod
+    def build(searcher_ids, doc_ids, dim: int):
+        import tensorflow as tf
+        import tensorflow_recommenders as tfrs
+
+        from ebr import features
+
+        def tower(vocab):
+            return tf.keras.Sequential([tf.keras.layers.StringLookup(vocabulary=vocab, mask_token=None),
+                                        tf.keras.layers.Embedding(len(vocab) + 1, dim)])
+
+        class Model(tfrs.Model):
+            def __init__(self):
+                super().__init__()
+                self.query_tower, self.doc_tower = tower(searcher_ids), tower(doc_ids)
+                self.task = tfrs.tasks.Retrieval()
+
+            def call(self, inputs, training=False):
+                return (self.query_tower(inputs[features.SEARCHER_ID]),
+                        self.doc_tower(inputs[features.DOC_ID]))
+
+            def compute_loss(self, inputs, training=False):
+                q, d = self(inputs, training=training)
+                return self.task(q, d, compute_metrics=False)
+
+        return Model()
+
+
+def build_basic(args, ds, searcher_ids, doc_ids, dim: int):
+    import tensorflow as tf
+
+    tf.keras.utils.set_random_seed(args.seed)
+    model = BasicRetrieval.build(searcher_ids, doc_ids, dim)
+    model.compile(optimizer=tf.keras.optimizers.Adagrad(learning_rate=0.1))
+    it = iter(ds)
+    model(next(it))
+    step = model.make_train_function()
+    for _ in range(N_BATCHES + 5):
+        logs = step(it)
+    float(logs["loss"])
+    return model, step, it
+
+
+def profile(model, step, it, steps: int, repeats: int) -> dict:
+    """Median CPU ms per step of four nested stages (module docstring) and their differences."""
+    import tensorflow as tf
+
+    @tf.function
+    def towers(batch):
+        return model(batch, training=True)
+
+    @tf.function
+    def loss(batch):
+        return model.compute_loss(batch, training=True)
+
+    @tf.function
+    def backward(batch):
+        with tf.GradientTape() as tape:
+            value = model.compute_loss(batch, training=True)
+        grads = tape.gradient(value, model.trainable_variables)
+        # One scalar that reads every gradient: nothing is copied out of the graph.
+        return tf.add_n([tf.reduce_sum(g.values if isinstance(g, tf.IndexedSlices) else g)
+                         for g in grads if g is not None])
+
+    def run(fn, n):
+        out = None
+        for _ in range(n):
+            out = fn(next(it)) if fn is not step else fn(it)
+        tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, out)
+
+    stages = {"forward_towers": towers, "forward_loss": loss, "backward": backward, "train_step": step}
+    cpu: dict[str, list[float]] = {n: [] for n in stages}
+    for _ in range(2):  # trace; the functions retrace once after their first call
+        for fn in stages.values():
+            run(fn, 5)
+    for _ in range(repeats):
+        for name, fn in stages.items():
+            c0 = time.process_time()
+            run(fn, steps)
+            cpu[name].append(1000 * (time.process_time() - c0) / steps)
+    med = {n: statistics.median(v) for n, v in cpu.items()}
+    return {"cpu_ms_cumulative": {n: round(v, 2) for n, v in med.items()},
+            "cpu_ms": {"towers": round(med["forward_towers"], 2),
+                       "loss": round(med["forward_loss"] - med["forward_towers"], 2),
+                       "backward": round(med["backward"] - med["forward_loss"], 2),
+                       "optimizer_and_state": round(med["train_step"] - med["backward"], 2)}}
+
+
 def refreshes(model, first: int, last: int) -> int:
     """MNS cache refreshes in optimizer iterations [first, last): one at every multiple of the
     cadence (`EmbeddingCache.due`, the first at iteration 0)."""
-    cache = getattr(model.loss_layer, "cache", None)
+    cache = getattr(getattr(model, "loss_layer", None), "cache", None)
     if cache is None:
         return 0
     r = cache.refresh_steps
@@ -110,6 +217,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="intra/inter-op threads (cores)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--profile-steps", type=int, default=30,
+                        help="steps per stage and repeat of the stage profile (0: no profile)")
     parser.add_argument("--output", default="")
     args = parser.parse_args(argv)
 
@@ -117,7 +226,7 @@ def main(argv=None) -> int:
 
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
-    from ebr import artifacts
+    from ebr import artifacts, features
     from trainer import data
     from trainer.config import CORPUS_PATTERN, TRAIN_PATTERN
     from trainer.corpus import load_corpus, load_frequencies
@@ -143,6 +252,14 @@ def main(argv=None) -> int:
     for name in names:
         print(f"building {name}", file=sys.stderr, flush=True)
         built[name] = build(name, VARIANTS[name], args, corpus, ds)
+    if TFRS_BASIC not in names:
+        print(f"building {TFRS_BASIC}", file=sys.stderr, flush=True)
+        searchers = sorted({s.decode() for b in data.make_dataset(
+            str(data_dir / TRAIN_PATTERN), 8192, shuffle=False, names=(features.SEARCHER_ID,))
+            for s in b[features.SEARCHER_ID].numpy()})
+        dim = int(built["in_batch"][0].config.embedding_dim)
+        built[TFRS_BASIC] = build_basic(args, ds, searchers, [str(d) for d in corpus.doc_ids], dim)
+        names.append(TFRS_BASIC)
     times: dict[str, list[float]] = {n: [] for n in names}
     # Process CPU time is steadier than wall time on a shared machine (other jobs' load mostly
     # shows up as waiting, not as our CPU seconds).
@@ -182,8 +299,15 @@ def main(argv=None) -> int:
             n: round(statistics.median(t) / statistics.median(cpu["in_batch"]) - 1, 4)
             for n, t in cpu.items()},
         "cache_refreshes_in_timed_steps": {n: r for n, r in n_refresh.items() if any(r)},
-        "overrides": {n: VARIANTS[n] for n in names},
+        "overrides": {n: VARIANTS.get(n, ["TFRS basic retrieval recipe"]) for n in names},
     }
+    out["unified_in_batch_vs_tfrs_basic"] = round(eps["in_batch"] / eps[TFRS_BASIC], 4)
+    if args.profile_steps:
+        out["profile"] = {"steps": args.profile_steps, "method": "stage ablation, CPU ms per step"}
+        for name in PROFILED:
+            if name in built:
+                print(f"profiling {name}", file=sys.stderr, flush=True)
+                out["profile"][name] = profile(*built[name], args.profile_steps, args.repeats)
     print("timing the input pipeline", file=sys.stderr, flush=True)
     pipe = time_input_pipeline(str(data_dir / TRAIN_PATTERN), args.batch_size, args.seed, N_BATCHES)
     pipe["examples_per_second_per_core"] = round(pipe["examples_per_second"] / args.threads, 1)
