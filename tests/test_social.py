@@ -16,6 +16,7 @@ from ebr.datasets import social_tables as T
 from ebr import storage
 from ebr.datasets.jsonl import find_raw_file, read_jsonl, read_records, staged_output_dir
 from ebr.datasets.social import SocialConfig, generate_social, make_prefix, make_typo
+from ebr.datasets.social_ceiling import read_ceiling
 from ebr.datasets.social_engine import BooleanEngine
 from ebr.datasets.social_world import build_world
 
@@ -151,10 +152,11 @@ def test_clicks_follow_social_and_location_signal(run):
 def test_deterministic_per_seed(run, tmp_path):
     again = tmp_path / "again"
     generate_social(again, documents=DOCS, sessions=SESSIONS, seed=SEED)
-    for name in ("searchers.jsonl", "documents.jsonl", "sessions.jsonl", "generator.json"):
+    for name in ("searchers.jsonl", "documents.jsonl", "sessions.jsonl", "generator.json",
+                 "truth/ceiling.jsonl"):
         assert (again / name).read_bytes() == (run["dir"] / name).read_bytes(), name
     other = tmp_path / "other"
-    generate_social(other, documents=DOCS, sessions=SESSIONS, seed=SEED + 1)
+    generate_social(other, documents=DOCS, sessions=SESSIONS, seed=SEED + 1, ceiling=False)
     assert (other / "sessions.jsonl").read_bytes() != (run["dir"] / "sessions.jsonl").read_bytes()
     assert (other / "documents.jsonl").read_bytes() != (run["dir"] / "documents.jsonl").read_bytes()
 
@@ -199,11 +201,15 @@ def test_gzip_output_and_rerun_replaces_whole_dir(tmp_path):
     out = tmp_path / "raw"
     generate_social(out, documents=300, sessions=200, seed=1, gzip=True)
     assert sorted(p.name for p in out.iterdir()) == [
-        "documents.jsonl.gz", "generator.json", "searchers.jsonl.gz", "sessions.jsonl.gz"]
+        "documents.jsonl.gz", "generator.json", "searchers.jsonl.gz", "sessions.jsonl.gz", "truth"]
+    assert [p.name for p in (out / "truth").iterdir()] == ["ceiling.jsonl.gz"]
     assert len(list(read_records(find_raw_file(out, "sessions")))) == 200
     generate_social(out, documents=300, sessions=100, seed=1)
     assert sorted(p.name for p in out.iterdir()) == [
-        "documents.jsonl", "generator.json", "searchers.jsonl", "sessions.jsonl"]
+        "documents.jsonl", "generator.json", "searchers.jsonl", "sessions.jsonl", "truth"]
+    assert [p.name for p in (out / "truth").iterdir()] == ["ceiling.jsonl"]
+    generate_social(out, documents=300, sessions=100, seed=1, ceiling=False)
+    assert not list((out / "truth").iterdir())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]  # no temp dirs left beside it
 
 
@@ -260,18 +266,71 @@ def test_generate_to_gcs_and_read_back(tmp_path, gcs_root):
                      "--sessions", "200", "--seed", "4", "--gzip"]) == 0
     assert cli.main(["data", "social", "--out", remote, "--documents", "300",
                      "--sessions", "200", "--seed", "4", "--gzip"]) == 0
-    assert storage.listdir(remote) == sorted(p.name for p in local.iterdir())
-    for name in storage.listdir(remote):
+    files = storage.walk_files(remote)
+    assert files == sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+    assert "truth/ceiling.jsonl.gz" in files
+    for name in files:
         assert storage.read_bytes(storage.join(remote, name)) == (local / name).read_bytes(), name
     sessions = find_raw_file(remote, "sessions")
     assert sessions == f"{remote}/sessions.jsonl.gz"
     assert list(read_records(sessions)) == list(read_records(find_raw_file(local, "sessions")))
+    assert read_ceiling(remote) == read_ceiling(str(local)) and len(read_ceiling(remote)) == 200
     # a plain rerun replaces the .gz files; an unrelated remote directory is refused
     generate_social(remote, documents=300, sessions=100, seed=4)
-    assert storage.listdir(remote) == ["documents.jsonl", "generator.json", "searchers.jsonl",
-                                       "sessions.jsonl"]
+    assert storage.walk_files(remote) == ["documents.jsonl", "generator.json", "searchers.jsonl",
+                                          "sessions.jsonl", "truth/ceiling.jsonl"]
     assert len(list(read_records(find_raw_file(remote, "sessions")))) == 100
     storage.write_bytes(storage.join(gcs_root, "home", "precious.txt"), b"keep me")
     with pytest.raises(ValueError, match="refusing"):
         generate_social(storage.join(gcs_root, "home"), documents=100, sessions=10)
     assert storage.listdir(storage.join(gcs_root, "home")) == ["precious.txt"]
+
+
+def test_namesake_knobs_and_summary(tmp_path):
+    """Smaller name pools and steeper name Zipfs mean more namesakes: the summary's namesake
+    statistics move that way."""
+    def stats(**knobs):
+        s = generate_social(tmp_path / "x", documents=1500, sessions=1500, seed=3, ceiling=False,
+                            progress=False, **knobs)
+        return s["namesakes"]
+
+    wide = stats(first_name_pool=0, last_name_pool=0)
+    narrow = stats(first_name_pool=10, last_name_pool=10)
+    steep = stats(first_name_pool=0, last_name_pool=0, first_name_zipf=2.0, last_name_zipf=2.0)
+    for k in ("documents_with_namesake", "clicked_with_namesake", "namesakes_per_click"):
+        assert narrow[k] > wide[k] and steep[k] > wide[k], k
+    assert 0 < wide["documents_with_namesake"] < narrow["documents_with_namesake"] <= 1
+    with pytest.raises(ValueError, match="first_name_pool"):
+        generate_social(tmp_path / "y", documents=100, sessions=10, first_name_pool=1000)
+
+
+def test_intent_knobs_move_clicks(tmp_path):
+    """All intent on friends: most clicks go to friends' documents; all on global popularity:
+    few do."""
+    def friend_share(**knobs):
+        out = tmp_path / "i"
+        generate_social(out, documents=1000, sessions=800, seed=5, ceiling=False, progress=False,
+                        **knobs)
+        data = _load(out)
+        friends = {s["searcher_id"]: set(s["friends"]) for s in data["searchers"]}
+        owner = {d["doc_id"]: d.get("searcher_id") for d in data["documents"]}
+        clicks = [(s["searcher_id"], c) for s in data["sessions"] for c in s["clicks"]]
+        return np.mean([owner[c] in friends[u] for u, c in clicks])
+
+    zero = dict(intent_friend=0.0, intent_friend_of_friend=0.0, intent_membership=0.0,
+                intent_local=0.0, intent_global=0.0)
+    assert friend_share(**{**zero, "intent_friend": 1.0}) > 0.6 > 0.2 > friend_share(
+        **{**zero, "intent_global": 1.0})
+
+
+def test_help_documents_every_knob_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["data", "social", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, default in (("--first-name-pool", "20"), ("--last-name-pool", "20"),
+                          ("--intent-friend", "0.3"), ("--query-typo", "0.15"),
+                          ("--query-nickname", "0.1"), ("--clicks.member", "2.0"),
+                          ("--clicks.same-city", "1.0"), ("--clicks.popularity", "1.0")):
+        assert flag in text, flag
+        after = text[text.rindex(flag + " "):]  # the option list, after the usage line
+        assert f"(default: {default})" in after[:400], flag

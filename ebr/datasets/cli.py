@@ -44,7 +44,9 @@ def register(subparsers) -> None:
     s = sub.add_parser("social", help="generate the social-search data set",
                        description="Generated social-search logs: people, groups, pages and events "
                                    "with shared names, a friendship graph, a legacy boolean engine's "
-                                   "impressions and clicks from a hidden relevance.")
+                                   "impressions and clicks from a hidden relevance; beside them "
+                                   "truth/ceiling.jsonl, each session's Bayes-optimal recall@K. "
+                                   "Every knob below shows its default (docs/data-format.md).")
     config.add_arguments(s, SocialDataConfig)
     s.set_defaults(func=_social)
 

@@ -13,7 +13,11 @@ hard positives of the paper's section 6.
 
 Everything is a function of the seed (numpy Generators only). Sessions stream to disk in
 batches, so memory holds the world, never the sessions. The model and its parameters are
-written to `generator.json` beside the data (docs/data-format.md describes it).
+written to `generator.json` beside the data (docs/data-format.md describes it), with the
+namesake statistics of the summary; each session's Bayes-optimal recall@K goes to
+`truth/ceiling.jsonl` (`social_ceiling`). Every knob is a `SocialConfig` field with its help
+text; the namesake-density defaults are calibrated as docs/data-format.md ("Calibration")
+records.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import numpy as np
 from ebr import config
 from ebr.datasets import social_tables as T
 from ebr.datasets.jsonl import JsonlWriter, staged_output_dir
+from ebr.datasets.social_ceiling import CEILING_DIR, CEILING_NAME, Ceiling, ceiling_line
 from ebr.datasets.social_engine import BooleanEngine
 from ebr.datasets.social_world import (AGE_BUCKETS, PERSON, TYPE_NAMES, TYPE_PREFIX, Segments, World,
                                        build_world)
@@ -41,79 +46,101 @@ _NICK = {formal: nicks for formal, nicks in T.NICKNAMES}
 DAY = 86_400
 
 
+S = config.setting
+
+
 @dataclasses.dataclass
 class ClickModel:
     """The hidden relevance: P(click d | shown at position i) = examine(i) * sigmoid(logit),
     logit = bias + sum of weight * feature over the (searcher, document) pair below."""
-    bias: float = -4.0
-    intent: float = 6.5  # d is the document the searcher meant
-    same_name: float = 0.5  # d's name equals the intended document's name
-    member: float = 2.0  # searcher is a member of d (a friend, for a person document)
-    close_friend_overlap: float = 1.0  # per close friend among d's members (friends of friends), capped at 3
-    same_city: float = 1.0
-    same_country: float = 0.5
-    same_language: float = 0.3
-    popularity: float = 1.0  # times 1 - log(1+rank)/log(1+N)
-    spam: float = -3.0  # documents tagged spam
-    position_decay: float = 0.3  # examine(i) = (1 + i) ** -position_decay
+    bias: float = S(-4.0, "click logit bias")
+    intent: float = S(6.5, "click logit weight of [d is the document the searcher meant]")
+    same_name: float = S(0.5, "click logit weight of [d's name equals the intended document's name]")
+    member: float = S(2.0, "click logit weight of [searcher is a member of d; a friend, for a person "
+                           "document]: how much clicks depend on friendship and group membership")
+    close_friend_overlap: float = S(1.0, "click logit weight per close friend among d's members "
+                                         "(friends of friends), at most 3 counted")
+    same_city: float = S(1.0, "click logit weight of [d is in the searcher's city]: how much clicks "
+                              "depend on location")
+    same_country: float = S(0.5, "click logit weight of [d is in the searcher's country]")
+    same_language: float = S(0.3, "click logit weight of [d has the searcher's language]")
+    popularity: float = S(1.0, "click logit weight of d's popularity, 1 - log(1+rank)/log(1+N)")
+    spam: float = S(-3.0, "click logit weight of [d is tagged spam]")
+    position_decay: float = S(0.3, "examination probability (1 + position) ** -position_decay")
 
 
 @dataclasses.dataclass
 class SocialConfig:
-    documents: int = 20_000
-    sessions: int = 50_000
-    seed: int = 0
-    searchers: int | None = None  # people (all are searchers); default = number of person documents
+    documents: int = S(20_000, "documents: people, groups, pages and events")
+    sessions: int = S(50_000, "sessions written, reformulations included")
+    seed: int = S(0, "the output is a function of the seed and these settings alone")
+    searchers: int | None = S(None, "people, all of them searchers (none: the number of person "
+                                    "documents)")
     # entity mix (shares of documents)
-    person_share: float = 0.70
-    group_share: float = 0.12
-    page_share: float = 0.12
-    event_share: float = 0.06
-    # people, places, names
-    community_size: int = 60
-    home_city_prob: float = 0.85
-    primary_language_prob: float = 0.85
-    first_name_zipf: float = 0.8
-    last_name_zipf: float = 0.7
-    city_zipf: float = 0.8
+    person_share: float = S(0.70, "share of documents that are people")
+    group_share: float = S(0.12, "share of documents that are groups")
+    page_share: float = S(0.12, "share of documents that are pages")
+    event_share: float = S(0.06, "share of documents that are events")
+    # people, places, names: namesake density (docs/data-format.md, "Namesakes")
+    community_size: int = S(60, "mean people per community (each with a home city and topic)")
+    home_city_prob: float = S(0.85, "probability a person, group, page or event is in its "
+                                    "community's city")
+    primary_language_prob: float = S(0.85, "probability of the country's first language")
+    first_name_pool: int = S(20, f"namesake density: first names drawn from the N most popular of "
+                                 f"the {len(T.FIRST_NAMES)}-name table, genders alternating (0: "
+                                 "all); fewer names, more people and pages share a name. Calibrated "
+                                 "(docs/data-format.md)")
+    last_name_pool: int = S(20, f"namesake density: last names drawn from the N most popular of the "
+                                f"{len(T.LAST_NAMES)}-name table (0: all). Calibrated "
+                                "(docs/data-format.md)")
+    first_name_zipf: float = S(0.8, "namesake density: Zipf exponent of first-name draws (higher: "
+                                    "the top names more shared)")
+    last_name_zipf: float = S(0.7, "namesake density: Zipf exponent of last-name draws")
+    city_zipf: float = S(0.8, "Zipf exponent of city draws")
     # friendship graph (community-aware Chung-Lu: degree ~ Pareto fitness)
-    avg_degree: float = 16.0
-    in_community: float = 0.8
-    fitness_alpha: float = 1.8
-    close_friends: int = 8
+    avg_degree: float = S(16.0, "mean friends per person (before duplicates are dropped)")
+    in_community: float = S(0.8, "probability a friendship stays inside the community")
+    fitness_alpha: float = S(1.8, "Pareto exponent of the fitness that drives degree (lower: "
+                                  "heavier tail)")
+    close_friends: int = S(8, "close friends per person (a random subset of friends)")
     # groups, pages, events
-    member_mean: float = 20.0
-    member_max: int = 500
-    spam_share: float = 0.03
-    popularity_zipf: float = 1.0
+    member_mean: float = S(20.0, "mean members of a group, page or event (lognormal)")
+    member_max: int = S(500, "most members of a group, page or event")
+    spam_share: float = S(0.03, "share of groups and pages tagged spam")
+    popularity_zipf: float = S(1.0, "Zipf exponent of popularity over the static rank")
     # sessions: who the searcher is looking for (probabilities, renormalised)
-    intent_friend: float = 0.30
-    intent_friend_of_friend: float = 0.15
-    intent_membership: float = 0.15
-    intent_local: float = 0.20
-    intent_global: float = 0.20
+    intent_friend: float = S(0.30, "intent weight: a friend's person document")
+    intent_friend_of_friend: float = S(0.15, "intent weight: a friend of a friend's person document")
+    intent_membership: float = S(0.15, "intent weight: a group, page or event the searcher or a "
+                                       "friend belongs to")
+    intent_local: float = S(0.20, "intent weight: a popularity-weighted document in the "
+                                  "searcher's city")
+    intent_global: float = S(0.20, "intent weight: a popularity-weighted document anywhere")
     # ... and how they type it
-    query_full: float = 0.55
-    query_prefix: float = 0.20
-    query_nickname: float = 0.10
-    query_typo: float = 0.15
-    second_typo_prob: float = 0.2
+    query_full: float = S(0.55, "query weight: the full name")
+    query_prefix: float = S(0.20, "query weight: a prefix cut after the first token")
+    query_nickname: float = S(0.10, "query weight: a nickname for the first name (people with a "
+                                    "nicknamed first name; others type the full name)")
+    query_typo: float = S(0.15, "query weight: the name with a character edit")
+    second_typo_prob: float = S(0.2, "probability a typo'd query gets a second edit")
     # the legacy engine's result pages
-    page_size: int = 10
-    max_pages: int = 3
+    page_size: int = S(10, "results per page of the legacy engine")
+    max_pages: int = S(3, "pages a full-name searcher looks through at most")
     # clicks and reformulation
     clicks: ClickModel = dataclasses.field(default_factory=ClickModel)
-    reformulate_prob: float = 0.8
-    reformulate_delay_min: int = 5
-    reformulate_delay_max: int = 60
-    session_window: int = 60  # seconds: a reformulation falls inside the searcher's window
+    reformulate_prob: float = S(0.8, "probability a session without clicks is reformulated")
+    reformulate_delay_min: int = S(5, "seconds from a failed session to its reformulation, at least")
+    reformulate_delay_max: int = S(60, "seconds from a failed session to its reformulation, at most")
+    session_window: int = S(60, "seconds: a reformulation falls inside the searcher's window")
     # time line
-    start_time: int = 1_546_300_800  # 2019-01-01T00:00:00Z
-    days: int = 90
+    start_time: int = S(1_546_300_800, "unix time of the first session (2019-01-01T00:00:00Z)")
+    days: int = S(90, "days the sessions span")
     # output
-    gzip: bool = False
-    batch_size: int = 4096
-    progress: bool = True
+    gzip: bool = S(False, "write .jsonl.gz files")
+    ceiling: bool = S(True, "also write truth/ceiling.jsonl: each session's Bayes-optimal "
+                            "recall@K (ebr.datasets.social_ceiling)")
+    batch_size: int = S(4096, "sessions generated per vectorised batch (memory, not output)")
+    progress: bool = S(True, "progress bar (runs of 200,000 sessions or more)")
 
     def validate(self) -> None:
         if self.documents < 10:
@@ -122,6 +149,15 @@ class SocialConfig:
             raise ValueError(f"--sessions must be >= 0, got {self.sessions}")
         if self.searchers is not None and self.searchers < 2:
             raise ValueError(f"--searchers must be >= 2, got {self.searchers}")
+        for name, table in (("first_name_pool", T.FIRST_NAMES), ("last_name_pool", T.LAST_NAMES)):
+            n = getattr(self, name)
+            if not 0 <= n <= len(table) or n == 1:
+                raise ValueError(f"{name} must be 0 (all) or 2..{len(table)}, got {n}")
+        for group in ("intent_", "query_"):
+            weights = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                       if f.name.startswith(group) and f.type == "float"}
+            if min(weights.values()) < 0 or sum(weights.values()) <= 0:
+                raise ValueError(f"{group}* weights must be >= 0 with a positive sum, got {weights}")
         if self.reformulate_delay_max > self.session_window:
             raise ValueError("reformulate_delay_max must lie inside session_window")
 
@@ -217,21 +253,34 @@ class _SessionSampler:
     def click_probability(self, s: np.ndarray, d: np.ndarray, t: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """Probability of a click on document d shown at pos to searcher s who meant t."""
         w, c = self.w, self.cfg.clicks
-        d_person = d < w.n_person_docs
+        logit = (self.base_logit(s, d) + c.intent * (d == t)
+                 + c.same_name * (w.text_id[d] == w.text_id[t]))
+        # A person never clicks their own profile in a search for someone else.
+        logit = np.where(self.own_profile(s, d) & (d != t), -20.0, logit)
+        return examine(pos, c) / (1.0 + np.exp(-logit))
+
+    def own_profile(self, s: np.ndarray, d: np.ndarray) -> np.ndarray:
+        return (d < self.w.n_person_docs) & (d == s)
+
+    def base_logit(self, s: np.ndarray, d: np.ndarray) -> np.ndarray:
+        """The click logit's terms that do not depend on the intended document: everything but
+        intent and same_name (`ebr.datasets.social_ceiling` adds those per candidate intent)."""
+        w, c = self.w, self.cfg.clicks
         # One lookup for "searcher is a member" and "close friend j is a member", all pairs.
         C = w.close_friends.shape[1]
         people = np.concatenate([s[:, None], w.close_friends[s]], axis=1)
         hits = w.is_member(np.repeat(d, C + 1), people.ravel()).reshape(len(d), C + 1)
         member, overlap = hits[:, 0], hits[:, 1:].sum(axis=1)
-        logit = (c.bias + c.intent * (d == t) + c.same_name * (w.text_id[d] == w.text_id[t])
-                 + c.member * member + c.close_friend_overlap * np.minimum(overlap, 3)
-                 + c.same_city * (w.doc_city[d] == w.city[s])
-                 + c.same_country * (w.city_country[w.doc_city[d]] == w.city_country[w.city[s]])
-                 + c.same_language * (w.doc_language[d] == w.language[s])
-                 + c.popularity * w.pop_feature[d] + c.spam * w.doc_spam[d])
-        # A person never clicks their own profile in a search for someone else.
-        logit = np.where(d_person & (d == s) & (d != t), -20.0, logit)
-        return (1.0 + pos) ** -c.position_decay / (1.0 + np.exp(-logit))
+        return (c.bias + c.member * member + c.close_friend_overlap * np.minimum(overlap, 3)
+                + c.same_city * (w.doc_city[d] == w.city[s])
+                + c.same_country * (w.city_country[w.doc_city[d]] == w.city_country[w.city[s]])
+                + c.same_language * (w.doc_language[d] == w.language[s])
+                + c.popularity * w.pop_feature[d] + c.spam * w.doc_spam[d])
+
+
+def examine(pos: np.ndarray, c: ClickModel) -> np.ndarray:
+    """Probability that the impression at 0-based position `pos` is examined."""
+    return (1.0 + pos) ** -c.position_decay
 
 
 def _query_for(world: World, target: int, kind: int, u: np.ndarray, cfg: SocialConfig) -> tuple[str, int]:
@@ -251,6 +300,20 @@ def _query_for(world: World, target: int, kind: int, u: np.ndarray, cfg: SocialC
             q = make_typo(q, u[6:9])
         return q, 3
     return text, 0
+
+
+def impressions(engine: BooleanEngine, query: str, kind: int, target: int, cfg: SocialConfig) -> list[int]:
+    """What the legacy engine shows: one page, except for a full-name query (kind 0), whose
+    searcher pages on (up to max_pages) until the intended document."""
+    page, deep = cfg.page_size, cfg.page_size * cfg.max_pages
+    res = engine.search(query, deep if kind == 0 else page)
+    if kind == 0 and len(res) > page:
+        try:
+            upto = (res.index(target) // page + 1) * page
+        except ValueError:
+            upto = deep
+        res = res[:upto]
+    return res
 
 
 def _line(sid: int, searcher: str, ts: int, query: str, imps: list[str], clicks: list[str]) -> str:
@@ -328,10 +391,16 @@ def _generate(out_dir: str, cfg: SocialConfig, record=None) -> dict:
         t_write_world = time.perf_counter() - t1
         engine = BooleanEngine(world.texts, world.rank)
         t2, c2 = time.perf_counter(), time.process_time()
+        truth = None
+        if cfg.ceiling:
+            (tmp / CEILING_DIR).mkdir()
+            truth = tmp / CEILING_DIR / f"{CEILING_NAME}{'.gz' if cfg.gzip else ''}"
         counts = _write_sessions(world, engine, cfg, tmp / f"sessions{ext}",
-                                 np.random.default_rng(session_seq))
-        t_sessions = time.perf_counter() - t2
-        cpu_sessions = time.process_time() - c2
+                                 np.random.default_rng(session_seq), truth)
+        # The ceiling (social_ceiling) is timed apart: sessions_per_s measures the logs alone.
+        t_ceiling = counts.pop("ceiling_seconds")
+        t_sessions = time.perf_counter() - t2 - t_ceiling
+        cpu_sessions = time.process_time() - c2 - t_ceiling
         summary = {
             "searchers": world.n_people,
             "documents": len(world.texts),
@@ -341,7 +410,7 @@ def _generate(out_dir: str, cfg: SocialConfig, record=None) -> dict:
             **counts,
             "seconds": {"world": round(t_world, 3), "write_world": round(t_write_world, 3),
                         "engine_index": round(t2 - t1 - t_write_world, 3),
-                        "sessions": round(t_sessions, 3)},
+                        "sessions": round(t_sessions, 3), "ceiling": round(t_ceiling, 3)},
             "sessions_per_s": round(counts["sessions"] / max(t_sessions, 1e-9), 1),
             # CPU time of this process: on a shared machine wall time mostly measures neighbours.
             "sessions_per_cpu_s": round(counts["sessions"] / max(cpu_sessions, 1e-9), 1),
@@ -353,14 +422,32 @@ def _generate(out_dir: str, cfg: SocialConfig, record=None) -> dict:
         if record is not None:
             config.save(record, str(tmp))
         (tmp / "generator.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    _remove_stale_ceiling(out_dir, cfg)
     return summary
 
 
+def _remove_stale_ceiling(out_dir: str, cfg: SocialConfig) -> None:
+    """The staged upload replaces the top-level raw-log files only: drop an earlier run's
+    truth/ceiling file that this run did not write (.gz after a plain run, or --no-ceiling)."""
+    from ebr import storage
+
+    keep = CEILING_NAME + (".gz" if cfg.gzip else "") if cfg.ceiling else None
+    for name in (CEILING_NAME, CEILING_NAME + ".gz"):
+        path = storage.join(storage.normalize(out_dir), CEILING_DIR, name)
+        if name != keep and storage.exists(path):
+            storage.remove(path)
+
+
 def _write_sessions(world: World, engine: BooleanEngine, cfg: SocialConfig, path: Path,
-                    rng: np.random.Generator) -> dict:
+                    rng: np.random.Generator, truth: Path | None = None) -> dict:
+    """Streams the sessions to `path` and, given `truth`, each session's ceiling line there
+    (`social_ceiling`: computed from the world and the session's searcher and query only)."""
     from tqdm import tqdm
 
     sampler = _SessionSampler(world, cfg, rng)
+    ceiling = Ceiling(world, engine, cfg, sampler) if truth is not None else None
+    truth_out = JsonlWriter(truth, buffer_lines=8192) if truth is not None else None
+    t_ceiling = 0.0
     sids = [f"u{i}" for i in range(world.n_people)]
     dids = [f'"{doc_id(world, d)}"' for d in range(len(world.texts))]
     page, deep = cfg.page_size, cfg.page_size * cfg.max_pages
@@ -369,6 +456,9 @@ def _write_sessions(world: World, engine: BooleanEngine, cfg: SocialConfig, path
     intents = np.zeros(len(INTENT_SOURCES), dtype=np.int64)
     stats = dict(sessions=0, failed=0, reformulations=0, clicks=0, impressions=0,
                  empty_impressions=0, target_shown=0)
+    # Namesakes of every clicked document (docs/data-format.md, "Namesakes").
+    namesakes = (np.bincount(world.text_id)[world.text_id] - 1).tolist()
+    clicked_with_namesake, clicked_namesakes = 0, 0
     written, primary = 0, 0
     bar = tqdm(total=cfg.sessions, unit="session", desc="sessions", mininterval=2.0,
                disable=not cfg.progress or cfg.sessions < 200_000)
@@ -389,13 +479,7 @@ def _write_sessions(world: World, engine: BooleanEngine, cfg: SocialConfig, path
                 t = int(target[i])
                 q, k = _query_for(world, t, int(kind[i]), U[i], cfg)
                 used[i] = k
-                res = engine.search(q, deep if k == 0 else page)
-                if k == 0 and len(res) > page:
-                    try:
-                        upto = (res.index(t) // page + 1) * page
-                    except ValueError:
-                        upto = deep
-                    res = res[:upto]
+                res = impressions(engine, q, k, t, cfg)
                 queries.append(q)
                 imps.append(res)
             # pass 2: clicks by the hidden relevance, vectorised over all impressions
@@ -413,12 +497,20 @@ def _write_sessions(world: World, engine: BooleanEngine, cfg: SocialConfig, path
                 if written >= cfg.sessions:
                     break
                 a, b = offsets[i], offsets[i + 1]
-                clicks = [dids[flat_l[j]] for j in range(a, b) if clicked_l[j]]
+                clicked_docs = [flat_l[j] for j in range(a, b) if clicked_l[j]]
+                clicks = [dids[d] for d in clicked_docs]
+                for d in clicked_docs:
+                    clicked_with_namesake += namesakes[d] > 0
+                    clicked_namesakes += namesakes[d]
                 t = int(target[i])
                 stats["target_shown"] += t in imps[i]
                 searcher = sids[s[i]]
                 out.write_line(_line(written, searcher, int(ts[i]), queries[i],
                                      [dids[d] for d in imps[i]], clicks))
+                if ceiling is not None:
+                    tc = time.perf_counter()
+                    truth_out.write_line(ceiling_line(f"s{written}", ceiling.mass(int(s[i]), queries[i])))
+                    t_ceiling += time.perf_counter() - tc
                 written += 1
                 kinds[used[i]] += 1
                 intents[source[i]] += 1
@@ -438,15 +530,30 @@ def _write_sessions(world: World, engine: BooleanEngine, cfg: SocialConfig, path
                 res = res[:(res.index(t) // page + 1) * page]
                 out.write_line(_line(written, searcher, int(ts[i] + delay[i]), full,
                                      [dids[d] for d in res], [dids[t]]))
+                if ceiling is not None:
+                    tc = time.perf_counter()
+                    truth_out.write_line(ceiling_line(f"s{written}", ceiling.mass(int(s[i]), full, True)))
+                    t_ceiling += time.perf_counter() - tc
                 written += 1
                 kinds[0] += 1
                 stats["reformulations"] += 1
+                clicked_with_namesake += namesakes[t] > 0
+                clicked_namesakes += namesakes[t]
                 stats["impressions"] += len(res)
                 stats["clicks"] += 1
             primary += B
             bar.update(min(written, cfg.sessions) - bar.n)
     bar.close()
+    if truth_out is not None:
+        truth_out.close()
     stats["sessions"] = written
+    stats["ceiling_seconds"] = round(t_ceiling, 3)
+    n_clicks = max(stats["clicks"], 1)
+    stats["namesakes"] = {
+        "documents_with_namesake": round(float(np.mean(np.asarray(namesakes) > 0)), 4),
+        "clicked_with_namesake": round(clicked_with_namesake / n_clicks, 4),
+        "namesakes_per_click": round(clicked_namesakes / n_clicks, 3),
+    }
     stats["query_kinds"] = {k: int(v) for k, v in zip(QUERY_KINDS, kinds)}
     # by drawn source; a source with nothing to offer fell back to local / global
     stats["intent_sources"] = {k: int(v) for k, v in zip(INTENT_SOURCES, intents)}
@@ -455,8 +562,8 @@ def _write_sessions(world: World, engine: BooleanEngine, cfg: SocialConfig, path
 
 MODEL_DESCRIPTION = {
     "people": "Every person is a searcher u<i>; the first ones also have a person document p<i>. "
-              "Names are 'first last' drawn Zipf-like from a shared pool, so many entities share a "
-              "name. Each person belongs to a community (lognormal sizes) with a home city and a "
+              "Names are 'first last' drawn Zipf-like from a shared pool (the first_name_pool / "
+              "last_name_pool most popular names), so many entities share a name. Each person belongs to a community (lognormal sizes) with a home city and a "
               "favourite topic; city = community city with prob home_city_prob, else Zipf over cities; "
               "language = the country's first language with prob primary_language_prob.",
     "friendships": "Community-aware Chung-Lu / fitness attachment: each edge picks u with prob "

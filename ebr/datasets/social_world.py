@@ -20,6 +20,18 @@ AGE_BUCKETS = ("13-17", "18-24", "25-34", "35-44", "45-54", "55-64", "65+")
 AGE_PROBS = (0.06, 0.22, 0.26, 0.18, 0.13, 0.09, 0.06)
 
 
+def _first_name_ranking() -> np.ndarray:
+    """Indices into T.FIRST_NAMES, most popular first, alternating the genders."""
+    by_gender = [[i for i, (_, g) in enumerate(T.FIRST_NAMES) if g == x] for x in ("m", "f")]
+    out = []
+    for k in range(max(map(len, by_gender))):
+        out += [names[k] for names in by_gender if k < len(names)]
+    return np.array(out, dtype=np.int64)
+
+
+FIRST_NAME_RANKING = _first_name_ranking()
+
+
 def zipf_weights(n: int, s: float) -> np.ndarray:
     w = 1.0 / np.arange(1, n + 1, dtype=np.float64) ** s
     return w / w.sum()
@@ -170,8 +182,13 @@ def build_world(cfg, rng: np.random.Generator) -> World:
     city = np.where(rng.random(P) < cfg.home_city_prob, comm_city[community],
                     rng.choice(n_cities, P, p=city_w))
     language = _draw_language(rng, city, city_country, country_langs, cfg.primary_language_prob)
-    first = rng.choice(len(T.FIRST_NAMES), P, p=zipf_weights(len(T.FIRST_NAMES), cfg.first_name_zipf))
-    last = rng.choice(len(T.LAST_NAMES), P, p=zipf_weights(len(T.LAST_NAMES), cfg.last_name_zipf))
+    # Namesake density: the pool sizes and Zipf exponents decide how many people share a name.
+    # First names are ranked alternating genders (the table lists each gender by popularity),
+    # so a small pool still holds both.
+    n_first = cfg.first_name_pool or len(T.FIRST_NAMES)
+    n_last = cfg.last_name_pool or len(T.LAST_NAMES)
+    first = FIRST_NAME_RANKING[rng.choice(n_first, P, p=zipf_weights(n_first, cfg.first_name_zipf))]
+    last = rng.choice(n_last, P, p=zipf_weights(n_last, cfg.last_name_zipf))
     age = rng.choice(len(AGE_BUCKETS), P, p=np.array(AGE_PROBS) / sum(AGE_PROBS))
     interests = np.stack([
         np.where(rng.random(P) < 0.6, comm_topic[community], rng.integers(0, len(T.TOPICS), P)),
