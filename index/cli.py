@@ -127,7 +127,7 @@ def cmd_query(args) -> int:
     cfg = config.from_args(IndexQueryConfig, args)
     cfg.validate()
     config.announce("index query", cfg)
-    searcher = open_index(cfg.index)
+    searcher = open_index(cfg.index, planner=cfg.planner)
     if cfg.vector_file:
         if cfg.vector_file.endswith(".npy"):
             Q = _load_npy(cfg.vector_file)
@@ -141,11 +141,12 @@ def cmd_query(args) -> int:
     else:
         Q = _doc_vector(searcher, cfg)
     result = searcher.search(Q, cfg.k, filter=cfg.filter, radius=cfg.radius,
-                             params=cfg.params or None)
+                             params=cfg.params or None, plan=cfg.plan)
     info = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in result.info.items()}
     for q, (ids, scores) in enumerate(zip(result.doc_ids, result.scores)):
         hits = [{features.DOC_ID: d, "score": round(float(s), 6)} for d, s in zip(ids, scores)]
-        print(json.dumps({"query": q, "scanned": int(result.scanned[q]), "hits": hits,
+        print(json.dumps({"query": q, "plan": result.plan[q], "probes": int(result.probes[q]),
+                          "scanned": int(result.scanned[q]), "hits": hits,
                           **({"info": info} if info else {})}))
     return 0
 

@@ -15,6 +15,7 @@ import dataclasses
 
 from ebr import config
 from index.builder import BACKENDS
+from index.defaults import DEFAULTS
 
 
 def _exactly_one(cfg, names: tuple[str, str]) -> None:
@@ -22,6 +23,33 @@ def _exactly_one(cfg, names: tuple[str, str]) -> None:
     if len(given) != 1:
         flags = " or ".join("--" + n.replace("_", "-") for n in names)
         raise ValueError(f"give exactly one of {flags}" + (f" (got {len(given)})" if given else ""))
+
+
+PLANS = ("auto", "exact", "ann", "postfilter")
+
+
+@dataclasses.dataclass
+class SearchPlannerConfig:
+    """How `Searcher.search` plans each query (index/planner.py; defaults: index/defaults.py,
+    docs/scaling.md "Filtered search")."""
+    exact_threshold_kb: int = config.setting(DEFAULTS.exact_threshold_kb, (
+        "score a filter's selected documents exactly when their float vectors take at most "
+        "this many KB (Qdrant's full_scan_threshold); 0: only when the ANN plan would scan "
+        "as many documents"))
+    candidates_per_result: float = config.setting(DEFAULTS.candidates_per_result, (
+        "the ANN plan widens nprobe / leaves until the probed lists hold this many matching "
+        "documents per result wanted (at least the index's default nprobe)"))
+    postfilter_overfetch: float = config.setting(DEFAULTS.postfilter_overfetch, (
+        "post-filtering fetches k / selectivity times this, doubling while short of k"))
+    filter_cache: int = config.setting(DEFAULTS.filter_cache, (
+        "compiled filters (bitmap, selector, per-list counts) cached per open index"))
+
+    def validate(self) -> None:
+        if self.exact_threshold_kb < 0 or self.candidates_per_result < 1 \
+                or self.postfilter_overfetch < 1 or self.filter_cache < 0:
+            raise ValueError(f"search planner settings out of range: {self} (need "
+                             "exact_threshold_kb >= 0, candidates_per_result >= 1, "
+                             "postfilter_overfetch >= 1, filter_cache >= 0)")
 
 
 @dataclasses.dataclass
@@ -79,9 +107,13 @@ class IndexQueryConfig:
                                                      "help": "documents per query"})
     params: dict = dataclasses.field(default_factory=dict, metadata={
         "flags": ("--param",), "help": "search parameter, e.g. nprobe=32"})
+    plan: str = config.setting("auto", "search plan: auto (the planner chooses per query), "
+                               "exact, ann or postfilter", choices=PLANS)
+    planner: SearchPlannerConfig = dataclasses.field(default_factory=SearchPlannerConfig)
 
     def validate(self) -> None:
         _exactly_one(self, ("vector_file", "doc_id"))
+        self.planner.validate()
 
 
 @dataclasses.dataclass

@@ -30,6 +30,30 @@ class IndexDefaults:
     scann_leaves: int = 32
     scann_reorder: int = 100
 
+    # The filter-aware search planner (index/planner.py; docs/scaling.md "Filtered search").
+    # Exact scoring of a filter's selected ids below this many KB of float vectors, Qdrant's
+    # `full_scan_threshold` (10,000 KB by default: 40,000 vectors at d=64): gathering and
+    # scoring that many vectors for a batch costs about what the ANN plan does, at recall 1.
+    exact_threshold_kb: int = 10_000
+    # The ANN plan widens nprobe (leaves) until the probed lists hold this many matching
+    # documents per result wanted (never fewer lists than the default nprobe). Chosen with the
+    # ANN plan forced, recall@10 against exact filtered search at 10% / 50% selectivity,
+    # cluster-correlated (c) and uncorrelated (u) filters (index.synthetic.selectivity_terms):
+    # - 20k synthetic, d=32, IVF128,PQ16x4fs,RFlat, nprobe 8, k_factor 16, 100 queries
+    #   (tests/test_index_planner.py's corpus): 10%c/10%u/50%c/50%u = 0.89/0.96/0.95/0.95 at 32,
+    #   0.97/0.98/0.96/0.95 at 64, 1.0/1.0/0.97/0.97 at 128;
+    # - 100k synthetic, d=64, IVF1024,PQ32x4fs,RFlat, nprobe 8, k_factor 16, 300 queries:
+    #   0.928/0.980/0.967/0.979 at 64 (scanning 10.3k/8.0k/2.0k/1.5k documents),
+    #   0.955/0.987/0.979/0.986 at 128 (17.6k/15.9k/3.5k/3.1k).
+    # 0.1% and 1% probe nearly every list at any of them (and are scored exactly by default).
+    # Unfiltered searches keep the swept nprobe's documents per result instead.
+    candidates_per_result: float = 128.0
+    # Post-filtering (ScaNN, which has no filter inside its scan) over-fetches k / selectivity
+    # times this, doubling for queries still short of k.
+    postfilter_overfetch: float = 1.2
+    # Compiled filters (bitmap, FAISS selector, matching documents per list) kept per index.
+    filter_cache: int = 64
+
     def factory_for(self, n: int, d: int) -> str:
         """The swept configuration scaled to a corpus of `n` vectors of dimension `d`: nlist
         ~ 4*sqrt(n) as a power of two (at most n / 39), d/4 bytes of 4-bit fast-scan codes,

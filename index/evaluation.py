@@ -13,7 +13,10 @@ import numpy as np
 
 def recall_at_k(I: np.ndarray, gt: np.ndarray, k: int) -> float:
     """Mean over queries of |approx top-k ∩ exact top-k| / |exact top-k|; -1 pads are ignored
-    (a filtered query may have fewer than k true neighbours)."""
+    (a filtered query may have fewer than k true neighbours).
+
+    This is an ANN index's overlap with exact search's neighbours, not the recall of a held-out
+    positive: that is `ebr.recall` (one tie rule for the whole project)."""
     hits, total = 0, 0
     for a, g in zip(I, gt):
         g = set(int(x) for x in np.asarray(g)[:k] if x >= 0)

@@ -35,6 +35,8 @@ def split_range(lims, D, I) -> tuple[list[np.ndarray], list[np.ndarray]]:
 class ExactBackend:
     name = "exact"
     param_names = PARAMS
+    native_filter = True
+    probe_param = None  # one partition: the planner always scores exactly (index/planner.py)
 
     def __init__(self, index):
         self.index = index
@@ -67,6 +69,12 @@ class ExactBackend:
 
     def scanned(self, Q, params=None) -> np.ndarray:
         return np.full(len(Q), self.ntotal, dtype=np.int64)
+
+    def exact_vectors(self) -> np.ndarray:
+        """[ntotal, d] float vectors, a view into the flat index (no copy)."""
+        import faiss
+
+        return faiss.rev_swig_ptr(self.index.get_xb(), self.ntotal * self.d).reshape(self.ntotal, self.d)
 
     def save(self, directory: Path) -> list[str]:
         import faiss

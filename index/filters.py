@@ -12,6 +12,11 @@ than AND, AND tighter than OR; operators are case-insensitive; a term always hol
     and_expr := unary ("AND" unary)*
     unary := "NOT" unary | "(" expr ")" | TERM
     TERM := key ":" value      value may be double-quoted to hold spaces or parentheses
+
+Nesting (parentheses plus NOTs on one path from the root to a term) is limited to `MAX_DEPTH`:
+the parser and every walk over the tree recurse, so a deeper expression would exhaust Python's
+stack (RecursionError) instead of naming the problem; it is a FilterSyntaxError at the position
+where the limit is crossed.
 """
 from __future__ import annotations
 
@@ -24,6 +29,11 @@ import numpy as np
 from pyroaring import BitMap
 
 from ebr.features import normalize_text
+
+
+# Far above any hand-written filter, far below Python's recursion limit (1,000 frames; the parser
+# spends 3 per parenthesis).
+MAX_DEPTH = 64
 
 
 class FilterSyntaxError(ValueError):
@@ -121,6 +131,7 @@ class _Parser:
         self.expr = expr
         self.toks = list(_tokens(expr))
         self.i = 0
+        self.depth = 0  # parentheses and NOTs open on the current path
 
     def peek(self):
         return self.toks[self.i]
@@ -157,16 +168,27 @@ class _Parser:
             kids.append(self.unary())
         return kids[0] if len(kids) == 1 else And(tuple(kids))
 
+    def enter(self, tok) -> None:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise FilterSyntaxError(self.expr, tok[2], f"nested deeper than {MAX_DEPTH} "
+                                    f"parentheses and NOTs (filters.MAX_DEPTH)")
+
     def unary(self):
         tok = self.take()
         kind, text, _ = tok
         if kind == "OP" and text == "NOT":
-            return Not(self.unary())
+            self.enter(tok)
+            node = Not(self.unary())
+            self.depth -= 1
+            return node
         if kind == "LP":
+            self.enter(tok)
             node = self.or_expr()
             if self.peek()[0] != "RP":
                 self.fail(self.peek(), "')'")
             self.take()
+            self.depth -= 1
             return node
         if kind == "TERM":
             return Term(normalize_term(text))
@@ -310,11 +332,19 @@ class Selection:
     def selectivity(self) -> float:
         return self.size / self.count if self.count else 0.0
 
+    def array(self) -> np.ndarray:
+        """The selected ids, sorted int64 (computed once)."""
+        if getattr(self, "_ids_array", None) is None:
+            self._ids_array = np.frombuffer(self.ids.to_array(), dtype=np.uint32).astype(np.int64)
+        return self._ids_array
+
     def mask(self) -> np.ndarray:
-        m = np.zeros(self.count, dtype=bool)
-        if self.size:
-            m[np.fromiter(self.ids, dtype=np.int64, count=self.size)] = True
-        return m
+        """[count] bool, True where selected (computed once; callers must not modify it)."""
+        if getattr(self, "_mask", None) is None:
+            m = np.zeros(self.count, dtype=bool)
+            m[self.array()] = True
+            self._mask = m
+        return self._mask
 
 
 def compile_filter(expression: str, attributes: AttributeIndex) -> Selection:

@@ -126,6 +126,8 @@ def add_vectors(index, X: np.ndarray, start: int = 0) -> None:
 class IVFPQBackend:
     name = "faiss"
     param_names = PARAMS
+    native_filter = True  # the ID selector is checked inside the list scan
+    probe_param = "nprobe"  # what the search planner widens (index/planner.py)
 
     def __init__(self, index, factory: str, nprobe: int = 16, k_factor: int = 1):
         import faiss
@@ -263,6 +265,74 @@ class IVFPQBackend:
 
             self._sizes = np.asarray(get_invlist_sizes(self.ivf.invlists), dtype=np.int64)
         return self._sizes
+
+    # --- what the search planner needs (index/planner.py) ------------------------------
+    @property
+    def nparts(self) -> int:
+        return int(self.ivf.nlist)
+
+    def default_probes(self, params=None) -> int:
+        return self._resolve(params)["nprobe"]
+
+    def rank_partitions(self, Q, P: int) -> np.ndarray:
+        """The first P lists the coarse quantizer probes per query, nearest first (-1 pads).
+        A flat quantizer's ranking is one matrix product and a partial sort (a k=P heap search
+        costs more as P grows); IMI's comes from its own search."""
+        import faiss
+
+        P = int(min(P, self.nparts))
+        x = self.transform(Q)
+        quantizer = faiss.downcast_index(self.ivf.quantizer)
+        if not isinstance(quantizer, faiss.IndexFlat):
+            return self.ivf.quantizer.search(x, P)[1].astype(np.int64)
+        if getattr(self, "_centroids", None) is None:
+            C = faiss.rev_swig_ptr(quantizer.get_xb(), quantizer.ntotal * quantizer.d)
+            C = C.reshape(quantizer.ntotal, quantizer.d).copy()
+            self._centroids = (C, (C * C).sum(1), quantizer.metric_type == faiss.METRIC_L2)
+        C, norms, l2 = self._centroids
+        scores = x @ C.T
+        if l2:
+            scores = 2 * scores - norms  # -|x-c|^2 up to |x|^2
+        top = np.argpartition(-scores, P - 1, axis=1)[:, :P] if P < self.nparts else \
+            np.tile(np.arange(self.nparts), (len(x), 1))
+        order = np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable")
+        return np.take_along_axis(top, order, 1).astype(np.int64)
+
+    def partition_sizes(self) -> np.ndarray:
+        return self.list_sizes()
+
+    def partition_members(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, list of each id) over every stored entry, read from the inverted lists (ids are
+        the row numbers, or the global ids a shard was added with)."""
+        if getattr(self, "_members", None) is None:
+            import faiss
+
+            inv = self.ivf.invlists
+            ids, parts = [], []
+            for l in range(self.ivf.nlist):
+                n = inv.list_size(l)
+                if not n:
+                    continue
+                ptr = inv.get_ids(l)
+                ids.append(faiss.rev_swig_ptr(ptr, n).copy())
+                inv.release_ids(l, ptr)
+                parts.append(np.full(n, l, dtype=np.int64))
+            self._members = (np.concatenate(ids).astype(np.int64) if ids else np.zeros(0, np.int64),
+                             np.concatenate(parts) if parts else np.zeros(0, np.int64))
+        return self._members
+
+    def exact_vectors(self) -> np.ndarray | None:
+        """The float vectors kept for the exact refine (`RFlat`), [ntotal, d], a view into the
+        index (no copy); None without a flat refine stage."""
+        import faiss
+
+        idx = faiss.downcast_index(self.index)
+        if not isinstance(idx, faiss.IndexRefine):
+            return None
+        flat = faiss.downcast_index(idx.refine_index)
+        if not isinstance(flat, faiss.IndexFlat):
+            return None
+        return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
 
     def scanned(self, Q, params=None) -> np.ndarray:
         """Documents whose codes are scanned per query: the sizes of the nprobe probed lists."""

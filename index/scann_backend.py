@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 SUBDIR = "scann"
 PARAMS = ("leaves", "reorder", "radius_margin")
+REORDER_K = 10  # the k the swept reorder depth was chosen for (index/defaults.py)
 
 
 @dataclasses.dataclass
@@ -70,8 +71,9 @@ def _field(b: bytes, number: int) -> bytes:
     raise ValueError(f"field {number} not found")
 
 
-def read_leaves(artifacts: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(leaf centroids [L, d], leaf sizes [L]) of a serialized searcher.
+def read_leaves(artifacts: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(leaf centroids [L, d], leaf sizes [L], leaf of each datapoint [N]) of a serialized
+    searcher.
 
     SerializedPartitioner{kmeans=2: SerializedKMeansTreePartitioner{kmeans_tree=1:
     SerializedKMeansTree}}; only the tree message ships as a Python proto, so the two outer
@@ -90,18 +92,23 @@ def read_leaves(artifacts: Path) -> tuple[np.ndarray, np.ndarray]:
     tokens = np.load(artifacts / "datapoint_to_token.npy").ravel()
     sizes = np.bincount(tokens, minlength=len(centers)).astype(np.int64)
     order = np.argsort(leaf_of) if len(leaf_of) == len(centers) else np.arange(len(centers))
-    return centers[order], sizes
+    return centers[order], sizes, tokens.astype(np.int64)
 
 
 class ScaNNBackend:
     name = "scann"
     param_names = PARAMS
+    native_filter = False  # no filter inside ScaNN's scan: the planner post-filters
+    probe_param = "leaves"  # what the search planner widens (index/planner.py)
 
-    def __init__(self, searcher, config: dict, centers: np.ndarray, sizes: np.ndarray, ntotal: int, d: int):
+    def __init__(self, searcher, config: dict, centers: np.ndarray, sizes: np.ndarray, ntotal: int,
+                 d: int, tokens: np.ndarray | None = None, vectors: np.ndarray | None = None):
         self.searcher = searcher
         self.config = config
         self.centers, self.sizes = centers, sizes
         self.ntotal, self.d = ntotal, d
+        self.tokens = tokens  # leaf of each datapoint
+        self.vectors = vectors  # the float dataset ScaNN reorders from (None without reorder)
         self.defaults = {"leaves": config["leaves"], "reorder": config["reorder"]}
 
     @classmethod
@@ -124,10 +131,11 @@ class ScaNNBackend:
         tmp = Path(tempfile.mkdtemp(prefix="scann-"))
         try:
             searcher.serialize(str(tmp), relative_path=True)
-            centers, sizes = read_leaves(tmp)
+            centers, sizes, tokens = read_leaves(tmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        return cls(searcher, config, centers, sizes, n, d)
+        vectors = np.ascontiguousarray(X, np.float32) if cfg.reorder else None
+        return cls(searcher, config, centers, sizes, n, d, tokens, vectors)
 
     def _resolve(self, params):
         p = {**self.defaults, **check_params(params, PARAMS, self.name)}
@@ -138,9 +146,14 @@ class ScaNNBackend:
         return p
 
     def raw_search(self, Q, k: int, p: dict):
-        """Top-k by AH (+ reorder); ids int64 with -1 padding, scores float32."""
+        """Top-k by AH (+ reorder); ids int64 with -1 padding, scores float32. The reorder
+        depth is an absolute count tuned for k = REORDER_K (the sweep's k): a deeper k gets a
+        proportionally deeper reorder, as FAISS's k_factor multiplies k, or recall falls with
+        k (and with a post-filter's over-fetch)."""
         k = max(1, min(k, self.ntotal))
-        pre = max(p["reorder"], k) if self.config["reorder"] else None
+        pre = max(p["reorder"], math.ceil(p["reorder"] * k / REORDER_K)) \
+            if self.config["reorder"] else None
+        pre = None if pre is None else min(pre, self.ntotal)
         I, D = self.searcher.search_batched_parallel(
             np.ascontiguousarray(Q, np.float32), final_num_neighbors=k,
             pre_reorder_num_neighbors=pre, leaves_to_search=p["leaves"])
@@ -211,6 +224,34 @@ class ScaNNBackend:
             fetched.append(f)
         return ds, ids, {"fetched": np.array(fetched, np.int64)}
 
+    # --- what the search planner needs (index/planner.py) ------------------------------
+    @property
+    def nparts(self) -> int:
+        return len(self.centers)
+
+    def default_probes(self, params=None) -> int:
+        return min(self._resolve(params)["leaves"], self.nparts)
+
+    def rank_partitions(self, Q, P: int) -> np.ndarray:
+        """The first P leaves per query by dot product with the leaf centroids, best first."""
+        P = int(min(P, self.nparts))
+        scores = np.asarray(Q, np.float32) @ self.centers.T
+        if P < self.nparts:
+            top = np.argpartition(-scores, P - 1, axis=1)[:, :P]
+        else:
+            top = np.tile(np.arange(self.nparts), (len(Q), 1))
+        order = np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable")
+        return np.take_along_axis(top, order, 1).astype(np.int64)
+
+    def partition_sizes(self) -> np.ndarray:
+        return self.sizes
+
+    def partition_members(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.arange(self.ntotal, dtype=np.int64), self.tokens
+
+    def exact_vectors(self) -> np.ndarray | None:
+        return self.vectors
+
     def scanned(self, Q, params=None) -> np.ndarray:
         p = self._resolve(params)
         L = min(int(p["leaves"]), len(self.centers))
@@ -231,8 +272,13 @@ class ScaNNBackend:
 
         art = Path(directory) / SUBDIR
         searcher = scann_ops_pybind.load_searcher(str(art))
-        centers, sizes = read_leaves(art)
-        return cls(searcher, params, centers, sizes, int(sizes.sum()), int(centers.shape[1]))
+        centers, sizes, tokens = read_leaves(art)
+        # ScaNN keeps the float dataset for its exact reorder; the planner's exact plan reads
+        # the same file, memory-mapped so that only the selected documents' pages are read.
+        dataset = art / "dataset.npy"
+        vectors = np.load(dataset, mmap_mode="r") if dataset.exists() else None
+        return cls(searcher, params, centers, sizes, int(sizes.sum()), int(centers.shape[1]),
+                   tokens, vectors)
 
     def manifest_params(self) -> dict:
         return dict(self.config)

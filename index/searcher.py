@@ -5,13 +5,18 @@
                              radius=None, params={"nprobe": 32})
 
 Top-K and radius modes (the paper found radius mode balances cost and quality), each optionally
-restricted by a boolean filter (hybrid retrieval): FAISS scans with an ID selector, ScaNN
-over-fetches and post-filters and says by how much in `result.info`.
+restricted by a boolean filter (hybrid retrieval). `index.planner` chooses per query between
+exact scoring of the selected documents, the ANN scan with nprobe widened for the filter, and
+post-filtering (ScaNN), so that a top-k search returns min(k, matching documents) results at
+the planner's recall; `result.plan`, `result.probes` and `result.scanned` say what each query
+cost (the retrieval service's debug fields and metrics). Compiled filters are cached per index.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +34,11 @@ class SearchResult:
     scores: list[np.ndarray]  # float32 inner products, best first
     scanned: np.ndarray  # int64 [Q]: documents whose codes were scanned per query
     ids: list[np.ndarray] = dataclasses.field(default_factory=list)  # internal row ids
-    info: dict = dataclasses.field(default_factory=dict)  # selectivity, ScaNN over-fetch, ...
+    info: dict = dataclasses.field(default_factory=dict)  # selected, selectivity, plans, ...
+    # Per query: the planner's plan (exact | ann | postfilter | empty) and the lists / leaves
+    # it probed (0 for exact); `scanned` is the plan's cost in documents.
+    plan: list[str] = dataclasses.field(default_factory=list)
+    probes: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 def _backend_class(name: str):
@@ -47,14 +56,19 @@ def _backend_class(name: str):
 
 class Searcher:
     def __init__(self, path: str, manifest: dict, backend, doc_ids: list[str], attributes,
-                 local_path: str | None = None):
+                 local_path: str | None = None, planner=None):
+        from index.planner import Planner
+
         self.path = path  # the version directory's URI (INDEX_BASE/VERSION)
         self.local_path = local_path or path  # where its files were read from
         self.manifest = manifest
         self.backend = backend
         self.doc_ids = doc_ids
         self.attributes = attributes
+        self.planner = Planner(backend, planner)  # planner: index.config.SearchPlannerConfig
         self._row = None
+        self._filters: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
 
     @property
     def dimension(self) -> int:
@@ -78,50 +92,57 @@ class Searcher:
             raise ValueError("queries hold NaN or infinite values")
         return np.ascontiguousarray(Q)
 
-    def search(self, queries, k: int = 10, *, filter: str | None = None,
-               radius: float | None = None, params: dict | None = None) -> SearchResult:
-        """Top-k (or, with `radius`, every document scoring >= radius, at most k if k > 0)."""
+    def compiled(self, filter: str | None):
+        """The filter compiled for this index (`index.planner.Compiled`), from a small LRU
+        cache: the bitmap, its FAISS selector and the matching documents per list are built once
+        per distinct expression."""
         from index.filters import compile_filter
 
+        key = filter.strip() if filter is not None and filter.strip() else None
+        with self._lock:
+            hit = self._filters.get(key)
+            if hit is not None:
+                self._filters.move_to_end(key)
+                return hit
+        selection = None if key is None else compile_filter(key, self.attributes)
+        compiled = self.planner.compile(selection)
+        with self._lock:
+            self._filters[key] = compiled
+            while len(self._filters) > max(1, self.planner.config.filter_cache):
+                self._filters.popitem(last=False)
+        return compiled
+
+    def search(self, queries, k: int = 10, *, filter: str | None = None,
+               radius: float | None = None, params: dict | None = None,
+               plan: str = "auto") -> SearchResult:
+        """Top-k: min(k, matching documents) results per query; with `radius`: every matching
+        document scoring >= radius, at most k if k > 0. `plan` forces one of the planner's
+        plans (index/planner.py) instead of its per-query choice."""
         Q = self._queries(queries)
         k = int(k)
         if radius is None and k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        compiled = self.compiled(filter)
         info: dict = {}
-        selection = None
-        if filter is not None and filter.strip():
-            selection = compile_filter(filter, self.attributes)
-            info["selected"] = selection.size
-            info["selectivity"] = selection.selectivity
-        scanned = self.backend.scanned(Q, params)
-        if selection is not None and selection.size == 0:
-            empty = [np.zeros(0, np.int64) for _ in Q]
-            return self._result(empty, [np.zeros(0, np.float32) for _ in Q], scanned, info)
-        if radius is not None:
-            ds, ids, extra = self.backend.range_search(Q, float(radius), selection, params)
-            if k > 0:
-                ds, ids = [d[:k] for d in ds], [i[:k] for i in ids]
-        else:
-            D, I, extra = self.backend.search(Q, min(k, self.backend.ntotal), selection, params)
-            ds, ids = [], []
-            for d, i in zip(D, I):
-                ok = i >= 0
-                ds.append(d[ok].astype(np.float32))
-                ids.append(i[ok].astype(np.int64))
-        info.update(extra)
-        return self._result(ids, ds, scanned, info)
-
-    def _result(self, ids, ds, scanned, info) -> SearchResult:
-        names = [[self.doc_ids[j] for j in row] for row in ids]
-        return SearchResult(names, ds, np.asarray(scanned, np.int64), ids, info)
+        if compiled.selection is not None:
+            info["selected"] = compiled.selection.size
+            info["selectivity"] = compiled.selection.selectivity
+        out = self.planner.search(Q, k, compiled, radius=radius, params=params, plan=plan)
+        info["plans"] = dict(collections.Counter(out.plans))
+        if out.fallbacks:
+            info["fallbacks"] = out.fallbacks
+        names = [[self.doc_ids[j] for j in row] for row in out.ids]
+        return SearchResult(names, out.scores, np.asarray(out.scanned, np.int64), out.ids, info,
+                            out.plans, np.asarray(out.probes, np.int64))
 
 
 def open_index(path, *, schema_hash: str | None = None, model_version=None,
-               verify: bool = True) -> Searcher:
+               verify: bool = True, planner=None) -> Searcher:
     """Loads INDEX_BASE (newest committed version) or INDEX_BASE/VERSION (must be committed),
     on any URI, verifying checksums, the dimension and (when given) the embedding model it must
     have been built for. A remote version is read from a local cached copy
-    (`persistence.local_dir`); `Searcher.path` is the version's URI either way."""
+    (`persistence.local_dir`); `Searcher.path` is the version's URI either way. `planner`: an
+    `index.config.SearchPlannerConfig` (default: index/defaults.py's)."""
     from index.filters import AttributeIndex
 
     vdir = persistence.resolve(path)
@@ -155,4 +176,4 @@ def open_index(path, *, schema_hash: str | None = None, model_version=None,
                                f"{manifest['count']}")
     log.info("opened index %s (%s, %d docs%s)", vdir, manifest["backend"], manifest["count"],
              "" if local == vdir else f", local copy {local}")
-    return Searcher(vdir, manifest, backend, doc_ids, attributes, local_path=local)
+    return Searcher(vdir, manifest, backend, doc_ids, attributes, local_path=local, planner=planner)

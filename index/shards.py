@@ -11,7 +11,9 @@ published like any other build (`index.builder.build_index` -> `persistence.publ
 locally, uploaded to INDEX_BASE/VERSION on any URI, committed last).
 
 Search: each shard answers top-k for its slice; the global top-k is the merge of the shards'
-lists (what a serving fan-out does when one machine cannot hold the index).
+lists (what a serving fan-out does when one machine cannot hold the index). With a filter,
+`search_sharded` runs the search planner (index/planner.py) on every shard over its own slice,
+so each returns min(k, its matching documents) and the merge min(k, matching documents).
 """
 from __future__ import annotations
 
@@ -126,3 +128,24 @@ def search_shards(indexes: list, Q: np.ndarray, k: int, params=None) -> tuple[np
     # within a list is not guaranteed by FAISS; ids make the merge deterministic).
     order = np.lexsort((I, -D), axis=1)[:, :k]
     return np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
+
+
+def search_sharded(planners: list, Q: np.ndarray, k: int, *, selection=None,
+                   radius: float | None = None, params=None, plan: str = "auto"):
+    """Fan-out through the search planner: `planners` are `index.planner.Planner`s over each
+    shard's backend (e.g. `IVFPQBackend(faiss.read_index(shard), factory)`), `selection` the
+    filter compiled over global ids (`index.filters.compile_filter`) or None. Returns (ids,
+    scores) per query, best first, documents scanned per query summed over shards, and each
+    shard's plan per query."""
+    outs = [p.search(Q, k, p.compile(selection), radius=radius, params=params, plan=plan)
+            for p in planners]
+    limit = k if k > 0 else None
+    ids, scores = [], []
+    for q in range(len(Q)):
+        i = np.concatenate([o.ids[q] for o in outs]).astype(np.int64)
+        d = np.concatenate([o.scores[q] for o in outs]).astype(np.float32)
+        order = np.lexsort((i, -d))[:limit]
+        ids.append(i[order])
+        scores.append(d[order])
+    scanned = np.sum([o.scanned for o in outs], axis=0).astype(np.int64)
+    return ids, scores, scanned, [o.plans for o in outs]

@@ -6,6 +6,8 @@ of varying spread, each varying along a few directions of its own (low intrinsic
 from the same mixture (drawn separately, like held-out sessions). Filter terms follow
 `ebr.features.document_filter_terms` and the city is correlated with the cluster, as geography
 is with real embeddings, so filtered IVF search meets uneven selectivity across lists.
+`selectivity_terms` adds filters of exact selectivities, correlated with the embedding clusters
+or not, for the search planner's tests and the bench's filtered section.
 """
 from __future__ import annotations
 
@@ -63,3 +65,28 @@ def mixture(n_docs: int, n_queries: int, dim: int = 64, *, clusters: int | None 
                                                      features.DOC_ATTRIBUTES: attrs}))
         doc_ids.append(f"d{i:08d}")
     return doc_ids, X, terms, Q
+
+
+def selectivity_terms(X: np.ndarray, selectivities, *, key: str = "sel", cells: int = 64,
+                      seed: int = 0) -> tuple[list[list[str]], dict]:
+    """For each selectivity s (i its position): `KEY:u<i>` on a random round(s*N) documents
+    (uncorrelated with the embeddings) and `KEY:c<i>` on as many taken cell by cell from a
+    Voronoi partition of the corpus around `cells` random documents, the last cell cut to the
+    documents nearest its seed (correlated with the clusters, as cities are).
+    -> (extra terms per document, {(s, "c"|"u"): filter expression})."""
+    rng = np.random.default_rng(seed)
+    n = len(X)
+    seeds = X[rng.choice(n, min(cells, n), replace=False)]
+    sims = X @ seeds.T
+    cell, near = np.argmax(sims, axis=1), np.max(sims, axis=1)
+    extra: list[list[str]] = [[] for _ in range(n)]
+    exprs = {}
+    for i, s in enumerate(selectivities):
+        size = max(1, round(s * n))
+        for doc in rng.choice(n, size, replace=False):
+            extra[doc].append(f"{key}:u{i}")
+        order = np.lexsort((-near, rng.permutation(len(seeds))[cell]))
+        for doc in order[:size]:
+            extra[doc].append(f"{key}:c{i}")
+        exprs[(s, "u")], exprs[(s, "c")] = f"{key}:u{i}", f"{key}:c{i}"
+    return extra, exprs
