@@ -9,8 +9,8 @@ with N+1.
 The pipeline is `ReadTrain | MineHardNegatives | WriteMinedTrain` (`build`; a Beam pipeline
 through `beam_pipelines.options.make_pipeline`: local FnApiRunner by default,
 Dataflow/Flink/Spark by options). Steps:
-1. read `train/examples-*`; `MineHardNegatives` parses them (unparsable records are
-   dead-lettered with file and reason);
+1. read `train/examples-*` with each record's file name; `MineHardNegatives` parses them (a
+   record that is not a tf.train.Example is a dead letter naming its file and the reason);
 2. groups by searcher: every document the searcher clicked in training, plus the example's own
    history, is excluded from its negatives ("drop the query's positives and known clicks");
 3. selects examples by the easy:hard ratio (`beam_pipelines.mining`: the share of examples that
@@ -24,9 +24,18 @@ Dataflow/Flink/Spark by options). Steps:
    (`ebr.config.save`), then commits (`beam_pipelines.outputs`: marker last, the newest 2
    versions kept). Every path (examples, model, index, output) takes any URI; inputs are
    resolved to committed versions with `ebr.artifacts`.
+
+Counting, as in `ebr pipeline examples`: every file's records_in is counted at read time,
+records_out from the records handed to the writer and records_dead from the dead letters,
+independently, so `records_in == records_out + records_dead` (per file, in `mining.json`) is a
+real check: the run fails without committing when it does not hold. The mined-negative counts
+are taken from the records as written: `hard_negatives` is the number of mined documents that
+made it into `negative_doc_ids` (capped at its `max_values`, earlier negatives first), and
+`hard_negatives_cut` the sampled ones that did not (the list was full, or held them already).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -35,6 +44,8 @@ import time
 import apache_beam as beam
 import numpy as np
 from apache_beam import pvalue
+from apache_beam.pvalue import TaggedOutput
+from apache_beam.runners.runner import PipelineState
 
 from beam_pipelines import mining, outputs
 from beam_pipelines.embed import EMBEDDING, SIGNATURE
@@ -49,7 +60,9 @@ TRAIN_GLOB = "train/examples-*.tfrecord.gz"
 CARRIED = ("eval", "impressions", "corpus", "split.json", "schema.json", "stats.json")
 CARRIED_GLOBS = ("doc_frequencies-*",)
 SUMMARY = "mining.json"
-TRAIN, DEAD = "train", "dead"
+TRAIN, DEAD, COUNTS = "train", "dead", "counts"
+# Dead-letter reason of a record that does not parse as a tf.train.Example.
+UNPARSABLE = "unparsable_record"
 
 
 def resolve_model(path: str) -> tuple[str, dict]:
@@ -94,12 +107,15 @@ def check_compatible(model_path: str, index_path: str, allow_mismatch: bool = Fa
                                                          "model_version") if k in manifest}}
 
 
-def _parse(record, path_hint: str):
-    beam.metrics.Metrics.counter("mine", "examples_read").inc()
+def parse_record(element):
+    """(file, serialised record) -> (file, parsed example), or a dead letter naming the file."""
+    path, record = element
     try:
-        return features.parse_example(record)
-    except Exception as e:  # noqa: BLE001 - any decode failure is a dead letter, not a crash
-        raise ValueError(f"{path_hint}: unparsable tf.train.Example: {e}") from None
+        yield path, features.parse_example(record)
+    except Exception as e:  # noqa: BLE001 - protobuf DecodeError and friends: a dead letter
+        yield TaggedOutput(DEAD, {"file": path, "reason": UNPARSABLE,
+                                  "detail": f"not a tf.train.Example: {e}",
+                                  "record": repr(bytes(record)[:200])})
 
 
 def _first(values, default=""):
@@ -119,22 +135,32 @@ def query_row(ex: dict) -> dict:
     return row
 
 
-def with_negatives(ex: dict, negatives: list[str]) -> bytes:
-    """The example re-serialised with `negatives` appended to its `negative_doc_ids`."""
-    merged = list(dict.fromkeys(list(ex.get(features.NEGATIVE_DOC_IDS, [])) + list(negatives)))
+def merge_negatives(existing: list[str], mined: list[str]) -> tuple[list[str], int]:
+    """`existing` negatives, then the `mined` ones not among them, cut to the feature's
+    `max_values` (earlier, e.g. impression, negatives first) -> (the list, how many mined
+    documents it holds)."""
     limit = features.BY_NAME[features.NEGATIVE_DOC_IDS].max_values
+    merged = list(dict.fromkeys(list(existing) + list(mined)))[:limit]
+    kept_existing = len(dict.fromkeys(existing))
+    return merged, max(0, len(merged) - kept_existing)
+
+
+def with_negatives(ex: dict, negatives: list[str]) -> tuple[bytes, int]:
+    """The example re-serialised with `negatives` appended to its `negative_doc_ids` ->
+    (record, how many of `negatives` it carries: see `merge_negatives`)."""
+    merged, added = merge_negatives(ex.get(features.NEGATIVE_DOC_IDS, []), negatives)
     values = {k: v for k, v in ex.items() if k in features.BY_NAME}
-    values[features.NEGATIVE_DOC_IDS] = merged[:limit]  # earlier (e.g. impression) negatives first
-    return features.make_example(values)
+    values[features.NEGATIVE_DOC_IDS] = merged
+    return features.make_example(values), added
 
 
 def _exclusions(kv):
-    """(searcher, [example dicts]) -> (example, excluded doc ids) for each example."""
+    """(searcher, [(file, example)]) -> (file, example, excluded doc ids) for each example."""
     _, examples = kv
     examples = list(examples)
-    clicked = {d for ex in examples for d in ex.get(features.DOC_ID, [])}
-    for ex in examples:
-        yield ex, clicked | set(ex.get(features.HISTORY_DOC_IDS, []))
+    clicked = {d for _, ex in examples for d in ex.get(features.DOC_ID, [])}
+    for path, ex in examples:
+        yield path, ex, clicked | set(ex.get(features.HISTORY_DOC_IDS, []))
 
 
 class MineDoFn(beam.DoFn):
@@ -164,22 +190,21 @@ class MineDoFn(beam.DoFn):
         return np.asarray(out[EMBEDDING].numpy(), dtype=np.float32)
 
     def process(self, batch):
+        """[(file, example, excluded ids)] -> (file, record, counts) per example, `counts`
+        as `_written_counts` reads them."""
         batch = list(batch)
-        embeddings = self.embed([query_row(ex) for ex, _ in batch])
+        embeddings = self.embed([query_row(ex) for _, ex, _ in batch])
         k = min(self.cfg.mining.fetch_k, int(self.searcher.manifest["count"]))
         result = self.searcher.search(embeddings, k, params=self.cfg.search_params)
-        keys = [example_key(ex) for ex, _ in batch]
+        keys = [example_key(ex) for _, ex, _ in batch]
         # The ratio selected these examples already: sample with the hard-only ratio here.
         cfg = dataclasses.replace(self.cfg.mining, ratio="0:1")
-        negatives = mining.mine_batch(result.doc_ids, [exc for _, exc in batch], keys, cfg)
-        for (ex, _), negs in zip(batch, negatives):
-            beam.metrics.Metrics.counter("mine", "examples_mined").inc()
-            beam.metrics.Metrics.counter("mine", "examples_written").inc()
-            if negs:
-                beam.metrics.Metrics.counter("mine", "hard_negatives").inc(len(negs))
-            else:
-                beam.metrics.Metrics.counter("mine", "window_empty").inc()
-            yield with_negatives(ex, negs)
+        negatives = mining.mine_batch(result.doc_ids, [exc for _, _, exc in batch], keys, cfg)
+        for (path, ex, _), negs in zip(batch, negatives):
+            record, added = with_negatives(ex, negs)
+            yield path, record, {"examples_mined": 1, "hard_negatives": added,
+                                 "hard_negatives_cut": len(negs) - added,
+                                 "window_empty": int(not negs)}
 
 
 def carry_parts(examples: str, dest: str, skip: tuple[str, ...] = ()) -> list[str]:
@@ -202,45 +227,53 @@ def carry_parts(examples: str, dest: str, skip: tuple[str, ...] = ()) -> list[st
     return copied
 
 
-def _by_searcher(ex: dict):
-    return _first(ex.get(features.SEARCHER_ID)), ex
+def _by_searcher(parsed):
+    path, ex = parsed
+    return _first(ex.get(features.SEARCHER_ID)), (path, ex)
 
 
 class MineHardNegatives(beam.PTransform):
-    """Serialised training examples -> {TRAIN: every example re-serialised, the ones the ratio
-    selects with mined `negative_doc_ids`; DEAD: dead letters of unparsable records}: steps
-    1-4 of the module docstring after the read. Touches no file but the query tower and the
-    index; `path_hint` names the input in dead letters."""
+    """`(file, serialised training example)` -> {TRAIN: every example re-serialised, the ones
+    the ratio selects with mined `negative_doc_ids`; DEAD: dead letters of unparsable records,
+    naming their file; COUNTS: (key, n) summed over the run (`assemble_counts` reads them)}:
+    steps 1-4 of the module docstring after the read. Touches no file but the query tower and
+    the index."""
 
-    def __init__(self, cfg: MineConfig, model_dir: str, path_hint: str):
+    def __init__(self, cfg: MineConfig, model_dir: str):
         super().__init__()
         self.cfg = cfg
         self.model_dir = model_dir  # the committed version the driver checked
-        self.path_hint = path_hint
 
     def expand(self, records):
         mcfg = self.cfg.mining
-        parsed, bad = (records | "Parse" >> beam.Map(_parse, self.path_hint)
-                       .with_exception_handling(use_subprocess=False))
-        with_exc = (parsed
+        read = records | "CountIn" >> beam.Map(lambda r: (("in", r[0]), 1))
+        parsed = records | "Parse" >> beam.FlatMap(parse_record).with_outputs(DEAD, main="examples")
+        with_exc = (parsed.examples
                     | "BySearcher" >> beam.Map(_by_searcher)
                     | "Group" >> beam.GroupByKey()
                     | "Exclusions" >> beam.FlatMap(_exclusions))
         selected, passed = (with_exc | "Select" >> beam.Partition(
-            lambda pair, n: 0 if mining.carries_hard_negatives(
-                example_key(pair[0]), mcfg.ratio, mcfg.seed) else 1, 2))
+            lambda item, n: 0 if mining.carries_hard_negatives(
+                example_key(item[1]), mcfg.ratio, mcfg.seed) else 1, 2))
         mined = (selected
                  | "Batch" >> beam.BatchElements(min_batch_size=1,
                                                  max_batch_size=self.cfg.batch_size)
                  | "Mine" >> beam.ParDo(MineDoFn(self.cfg, self.model_dir)))
         kept = passed | "Unchanged" >> beam.Map(_unchanged)
-        return {TRAIN: (mined, kept) | "AllTrain" >> beam.Flatten(),
-                DEAD: bad | "DeadLetters" >> beam.Map(_dead_letter, self.path_hint)}
+        written = (mined, kept) | "AllTrain" >> beam.Flatten()
+        dead = parsed[DEAD]
+        counts = ((read,
+                   written | "CountWritten" >> beam.FlatMap(_written_counts),
+                   dead | "CountDead" >> beam.Map(lambda d: (("dead", d["file"], d["reason"]), 1)))
+                  | "AllCounts" >> beam.Flatten() | "Sum" >> beam.CombinePerKey(sum))
+        return {TRAIN: written | "Records" >> beam.Map(lambda w: w[1]), DEAD: dead,
+                COUNTS: counts}
 
 
 class WriteMinedTrain(beam.PTransform):
-    """The edge out: `MineHardNegatives`' outputs -> `train/examples-*.tfrecord.gz` and
-    `dead_letter/dead-*.jsonl` in the version directory `out_dir`."""
+    """The edge out: `MineHardNegatives`' outputs -> `train/examples-*.tfrecord.gz`,
+    `dead_letter/dead-*.jsonl` and the run's counts (`outputs.COUNTS_DIR`, read and removed by
+    the driver) in the version directory `out_dir`."""
 
     def __init__(self, out_dir: str, num_shards: int):
         super().__init__()
@@ -254,14 +287,18 @@ class WriteMinedTrain(beam.PTransform):
         _ = outs[TRAIN] | "WriteTrain" >> beam.io.WriteToTFRecord(
             storage.join(self.out_dir, "train", "examples"), file_name_suffix=".tfrecord.gz",
             num_shards=self.num_shards, compression_type=beam.io.filesystem.CompressionTypes.GZIP)
+        _ = (outs[COUNTS] | "CountJson" >> beam.Map(lambda kv: json.dumps([list(kv[0]), kv[1]]))
+             | "WriteCounts" >> beam.io.WriteToText(
+                 storage.join(self.out_dir, outputs.COUNTS_DIR, "counts"), file_name_suffix=".jsonl"))
         return pvalue.PDone(outs[TRAIN].pipeline)
 
 
 def build(p, cfg: MineConfig, train_glob: str, model_dir: str, out_dir: str) -> None:
     """Adds the whole pipeline to `p`: read the training examples, mine, write below `out_dir`
     (the version directory)."""
-    _ = (p | "ReadTrain" >> beam.io.ReadFromTFRecord(train_glob)
-         | "MineHardNegatives" >> MineHardNegatives(cfg, model_dir, train_glob)
+    _ = (p | "TrainGlob" >> beam.Create([train_glob])
+         | "ReadTrain" >> beam.io.ReadAllFromTFRecord(with_filename=True)
+         | "MineHardNegatives" >> MineHardNegatives(cfg, model_dir)
          | "WriteMinedTrain" >> WriteMinedTrain(out_dir, cfg.num_shards))
 
 
@@ -278,16 +315,22 @@ def run(cfg: MineConfig, beam_args: list[str] | None = None) -> dict:
     with outputs.NewVersion(cfg.output, "examples") as out:
         p = make_pipeline(beam_args)
         build(p, cfg, train_glob, summary["model"], out.dir)
-        state = p.run()
-        state.wait_until_finish()
-        result = _counters(state)
+        state = p.run().wait_until_finish()
+        if state != PipelineState.DONE:
+            raise RuntimeError(f"mine-negatives pipeline ended in state {state}")
+        result, files = assemble_counts(out.take_counts())
+        unbalanced = {f: c for f, c in files.items()
+                      if c["records_in"] != c["records_out"] + c["records_dead"]}
+        if unbalanced:
+            raise RuntimeError(f"records lost: records_in != records_out + records_dead for "
+                               f"{json.dumps(unbalanced)}")
         carry_parts(examples, out.dir)
         summary.update({
             "examples": examples, "config": dataclasses.asdict(cfg.mining),
             "hard_fraction": fraction,
             "ratio_definition": "easy:hard = share of training examples carrying mined "
                                 "negatives: H/(E+H); all examples keep easy negatives",
-            "counts": result, "seconds": round(time.time() - started, 2)})
+            "counts": result, "files": files, "seconds": round(time.time() - started, 2)})
         config.save(cfg, out.dir)
         out.commit({SUMMARY: summary},
                    info={"schema_hash": features.schema_hash(), "mined_from": examples})
@@ -296,22 +339,47 @@ def run(cfg: MineConfig, beam_args: list[str] | None = None) -> dict:
     return summary
 
 
-def _counters(state) -> dict:
-    from apache_beam.metrics.metric import MetricsFilter
-
-    out = {"examples_read": 0, "examples_written": 0, "examples_mined": 0, "hard_negatives": 0,
-           "window_empty": 0, "dead_letter": 0}
-    for c in state.metrics().query(MetricsFilter().with_namespace("mine"))["counters"]:
-        out[c.key.metric.name] = out.get(c.key.metric.name, 0) + int(c.committed or c.attempted or 0)
-    return out
-
-
-def _dead_letter(bad, path_hint: str) -> dict:
-    beam.metrics.Metrics.counter("mine", "dead_letter").inc()
-    record, (_, exc, _tb) = bad[0], bad[1]
-    return {"file": path_hint, "reason": str(exc), "record": repr(record)[:200]}
+def _written_counts(written):
+    """(file, record, counts) as handed to the writer -> ((key...), n) for `assemble_counts`."""
+    path, _, counts = written
+    yield ("out", path), 1
+    for name, n in counts.items():
+        if n:
+            yield (name,), n
 
 
-def _unchanged(pair) -> bytes:
-    beam.metrics.Metrics.counter("mine", "examples_written").inc()
-    return features.make_example({k: v for k, v in pair[0].items() if k in features.BY_NAME})
+def assemble_counts(counts: list) -> tuple[dict, dict]:
+    """The run's (key, n) lines -> (totals, per input file {records_in, records_out,
+    records_dead, dead_by_reason}). Totals: examples_read / examples_written / dead_letter
+    (the three accounts), examples_mined (selected by the ratio and searched), hard_negatives
+    and hard_negatives_cut (mined documents written / sampled but not written), window_empty
+    (selected examples whose window held no candidate)."""
+    def account() -> dict:
+        return {"records_in": 0, "records_out": 0, "records_dead": 0, "dead_by_reason": {}}
+
+    per_file: dict[str, dict] = {}
+    totals = collections.Counter({k: 0 for k in (
+        "examples_read", "examples_written", "examples_mined", "hard_negatives",
+        "hard_negatives_cut", "window_empty", "dead_letter")})
+    for key, n in counts:
+        kind = key[0]
+        if kind in ("in", "out", "dead"):
+            entry = per_file.setdefault(key[1], account())
+            if kind == "in":
+                entry["records_in"] += n
+                totals["examples_read"] += n
+            elif kind == "out":
+                entry["records_out"] += n
+                totals["examples_written"] += n
+            else:
+                entry["records_dead"] += n
+                entry["dead_by_reason"][key[2]] = entry["dead_by_reason"].get(key[2], 0) + n
+                totals["dead_letter"] += n
+        else:
+            totals[kind] += n
+    return dict(totals), per_file
+
+
+def _unchanged(item):
+    path, ex, _ = item
+    return path, features.make_example({k: v for k, v in ex.items() if k in features.BY_NAME}), {}

@@ -2,6 +2,7 @@
 `ebr mine-negatives` end to end (examples artifact in, a new examples version out)."""
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -257,3 +258,90 @@ def test_mine_negatives_flags_come_from_mine_config(tmp_path):
     assert cli.main(["mine-negatives", "--examples", str(tmp_path), "--model", "M",
                      "--output", str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out").exists()
+
+
+def _versioned_examples(root, files: dict, eval_examples):
+    """An examples artifact, version 1, whose train/ holds one GZIP TFRecord file per entry of
+    `files` (name -> list of example dicts, or raw bytes for a record that is not an Example)."""
+    import tensorflow as tf
+
+    from ebr import artifacts, features
+
+    vdir = root / "1"
+    (vdir / "train").mkdir(parents=True)
+    for name, records in files.items():
+        with tf.io.TFRecordWriter(str(vdir / "train" / name),
+                                  tf.io.TFRecordOptions(compression_type="GZIP")) as w:
+            for r in records:
+                w.write(r if isinstance(r, bytes) else features.make_example(r))
+    _write_examples(vdir / "eval", eval_examples)
+    (vdir / "split.json").write_text('{"method": "hash"}')
+    artifacts.commit(str(vdir))
+    return vdir
+
+
+def test_mine_negatives_accounts_for_every_record(mining_setup, tmp_path):
+    """Counters are what the files hold: with 62 earlier negatives and 5 mined per example,
+    `negative_doc_ids` (at most 64) keeps 2 of them, and `hard_negatives` says 2 per example,
+    not 5; a record that is not an Example is a dead letter naming its own file (not the
+    glob); per file and in total, records in = written + dead."""
+    from beam_pipelines.mine_negatives import UNPARSABLE, run
+    from beam_pipelines.mining import MineConfig
+    from ebr import artifacts, features
+
+    root, examples, _, doc_ids = mining_setup
+    limit = features.BY_NAME[features.NEGATIVE_DOC_IDS].max_values
+    earlier = [f"imp{j}" for j in range(limit - 2)]  # not corpus documents: never mined again
+    full = [{**e, "negative_doc_ids": earlier} for e in examples[:40]]
+    plain = examples[40:60]
+    ex_dir = _versioned_examples(tmp_path / "examples", {
+        "examples-00000-of-00002.tfrecord.gz": full,
+        "examples-00001-of-00002.tfrecord.gz": plain[:10] + [b"\xff\xfe not an example"] + plain[10:],
+    }, examples[:5])
+    cfg = MineConfig(examples=str(tmp_path / "examples"), model=str(root / "model" / "query_tower"),
+                     index=str(root / "index"), output=str(tmp_path / "mined"), batch_size=16,
+                     mining=mining.MiningConfig(window_start=11, window_end=60, per_query=5,
+                                                ratio="0:1", seed=1))
+    summary = run(cfg)
+    counts = summary["counts"]
+    mined = artifacts.resolve(str(tmp_path / "mined"), "examples")
+    out = _read_examples(os.path.join(mined, "train", "*.tfrecord.gz"))
+    before = {e["session_id"]: len(e.get("negative_doc_ids", [])) for e in full + plain}
+    added = [len(e.get("negative_doc_ids", [])) - before[e["session_id"][0]] for e in out]
+
+    # what the counters say is what was written
+    assert len(out) == counts["examples_written"] == len(full) + len(plain)
+    assert counts["hard_negatives"] == sum(added) == 2 * len(full) + 5 * len(plain)
+    assert counts["hard_negatives_cut"] == 3 * len(full)
+    assert counts["examples_mined"] == len(out) and counts["window_empty"] == 0
+    assert all(len(e["negative_doc_ids"]) == limit for e in out if e["session_id"][0] in
+               {x["session_id"] for x in full})
+
+    # the corrupt record: one dead letter naming its file and the reason
+    bad_file = str(ex_dir / "train" / "examples-00001-of-00002.tfrecord.gz")
+    dead = [json.loads(line) for f in sorted((Path(mined) / "dead_letter").glob("dead-*"))
+            for line in f.read_text().splitlines() if line]
+    assert len(dead) == counts["dead_letter"] == 1
+    assert dead[0]["file"] == bad_file and dead[0]["reason"] == UNPARSABLE
+    assert "*" not in dead[0]["file"]
+
+    # in = written + dead, per file and in total, also in the committed mining.json
+    files = json.load(open(os.path.join(mined, "mining.json")))["files"]
+    assert files == summary["files"]
+    assert {f: (c["records_in"], c["records_out"], c["records_dead"]) for f, c in files.items()} == {
+        str(ex_dir / "train" / "examples-00000-of-00002.tfrecord.gz"): (40, 40, 0),
+        bad_file: (21, 20, 1)}
+    assert files[bad_file]["dead_by_reason"] == {UNPARSABLE: 1}
+    assert counts["examples_read"] == counts["examples_written"] + counts["dead_letter"] == 61
+
+
+def test_merge_negatives_counts_only_what_fits():
+    from beam_pipelines.mine_negatives import merge_negatives
+    from ebr import features
+
+    limit = features.BY_NAME[features.NEGATIVE_DOC_IDS].max_values
+    assert merge_negatives(["a", "b"], ["c", "a", "d"]) == (["a", "b", "c", "d"], 2)
+    earlier = [f"e{j}" for j in range(limit - 1)]
+    merged, added = merge_negatives(earlier, ["x", "y", "z"])
+    assert merged == earlier + ["x"] and added == 1
+    assert merge_negatives([f"e{j}" for j in range(limit + 3)], ["x"])[1] == 0

@@ -645,3 +645,148 @@ def test_serves_exported_query_tower(tmp_path):
             np.testing.assert_allclose(client.predict("query_tower", batch)["embedding"], served)
     finally:
         handle.stop(grace=1)
+
+
+def _reload(stub, *models, timeout=60):
+    """HandleReloadConfigRequest with a ModelConfigList of (name, base_path[, policy, labels])."""
+    from tensorflow_serving.apis import model_management_pb2
+    from tensorflow_serving.config import model_server_config_pb2
+
+    request = model_management_pb2.ReloadConfigRequest()
+    for name, base_path, *rest in models:
+        entry = request.config.model_config_list.config.add(
+            name=name, base_path=str(base_path), model_platform="tensorflow")
+        policy = rest[0] if rest else None
+        if policy == "all":
+            entry.model_version_policy.all.SetInParent()
+        elif isinstance(policy, list):
+            entry.model_version_policy.specific.versions.extend(policy)
+        elif isinstance(policy, int):
+            entry.model_version_policy.latest.num_versions = policy
+        for label, version in (rest[1] if len(rest) > 1 else {}).items():
+            entry.version_labels[label] = version
+    return stub.HandleReloadConfigRequest(request, timeout=timeout)
+
+
+def test_reload_config_as_tf_serving(tmp_path):
+    """HandleReloadConfigRequest: the ModelConfigList replaces the models (left-out ones
+    unload, new ones load before the answer), version policies and labels apply; invalid
+    configs are refused with TF Serving's codes and change nothing, a new model that does not
+    load or a label on an unavailable version answers an error (the config stays applied, as
+    in server_core.cc)."""
+    from tensorflow_serving.apis import model_management_pb2
+    from tensorflow_serving.config import model_server_config_pb2
+
+    base = tmp_path / "models"
+    publish(base, 1)
+    publish(base, 2)
+    other = tmp_path / "elsewhere"
+    publish(other, 1, name="other")
+    publish(other, 3, name="other")
+    handle = start_model_server(base, 0, poll_seconds=0.1)
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
+        stub = model_service_pb2_grpc.ModelServiceStub(channel)
+        client = ModelClient(f"127.0.0.1:{handle.port}", timeout=10)
+        assert handle.registry.available() == {"toy": [2]}
+
+        # A new model with two versions (specific policy) and a label; toy stays, latest 2.
+        response = _reload(stub, ("toy", base / "toy", 2),
+                           ("other", other / "other", [1, 3], {"stable": 1}))
+        assert response.status.error_code == 0
+        assert handle.registry.available() == {"toy": [2, 1], "other": [3, 1]}  # before answering
+        x = {"x": np.ones((1, 3), np.float32)}
+        assert client.predict_with_version("other", x, signature="double")[1] == 3
+        by_label = toy_request(name="other")
+        by_label.model_spec.version_label = "stable"
+        out = client.predictions.Predict(by_label, timeout=10)
+        assert out.model_spec.version.value == 1
+
+        # Left out: unloaded (NOT_FOUND), even though its directory is still there.
+        _reload(stub, ("other", other / "other", "all"))
+        wait_for(lambda: handle.registry.available() == {"other": [3, 1]}, what="toy unloaded")
+        assert rpc_code(client.predictions.Predict, toy_request())[0] == C.NOT_FOUND
+        by_label.model_spec.version_label = "stable"  # labels went with the old config
+        assert rpc_code(client.predictions.Predict, by_label)[0] == C.INVALID_ARGUMENT
+        publish(base, 3)  # the base path of a left-out model is no longer polled
+        time.sleep(0.5)
+        assert "toy" not in handle.registry.available()
+
+        # Refused: duplicates, relative paths, no platform, another config kind (nothing
+        # changes); a new model that does not load, a label on a version not available.
+        def refused(make, code, words):
+            with pytest.raises(grpc.RpcError) as e:
+                make()
+            assert e.value.code() == code, e.value.details()
+            assert words in e.value.details()
+        refused(lambda: _reload(stub, ("a", other / "other"), ("a", other / "other")),
+                C.INVALID_ARGUMENT, "Illegal to list model a multiple times in config list")
+        refused(lambda: _reload(stub, ("a", "relative/path")), C.INVALID_ARGUMENT,
+                "Expected model a to have an absolute path or URI")
+        request = model_management_pb2.ReloadConfigRequest()
+        request.config.model_config_list.config.add(name="a", base_path=str(other / "other"))
+        refused(lambda: stub.HandleReloadConfigRequest(request, timeout=10), C.INVALID_ARGUMENT,
+                "model_platform")
+        request = model_management_pb2.ReloadConfigRequest()
+        request.config.custom_model_config.Pack(model_server_config_pb2.ModelConfigList())
+        refused(lambda: stub.HandleReloadConfigRequest(request, timeout=10), C.INVALID_ARGUMENT,
+                "Only ModelConfigList is currently supported")
+        refused(lambda: _reload(stub, ("other", other / "other", "all"),
+                                ("ghost", tmp_path / "nothing-here")),
+                C.UNKNOWN, "Some models did not become available")
+        refused(lambda: _reload(stub, ("other", other / "other", 1, {"stable": 1})),
+                C.FAILED_PRECONDITION, "not currently available")
+        # An empty config takes no action (server_core.cc).
+        empty = stub.HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(),
+                                               timeout=10)
+        assert empty.status.error_code == 0
+        assert client.predict_with_version("other", x, signature="double")[1] == 3
+        channel.close()
+        client.close()
+    finally:
+        handle.stop(grace=1)
+
+
+def test_pinned_version_stays_loaded_beyond_the_version_policy(tmp_path):
+    """A version named in GetModelStatus with `ebr-keep-loaded-seconds` stays served while the
+    pin lasts (and loads again when it was not), whatever `--num-versions` says; then the
+    latest policy retires it."""
+    base = tmp_path / "models"
+    publish(base, 1)
+    handle = start_model_server(base, 0, poll_seconds=0.1)  # latest 1
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
+        stub = model_service_pb2_grpc.ModelServiceStub(channel)
+        client = ModelClient(f"127.0.0.1:{handle.port}", timeout=10)
+
+        def pin(version, seconds):
+            request = get_model_status_pb2.GetModelStatusRequest()
+            request.model_spec.name = "toy"
+            request.model_spec.version.value = version
+            return stub.GetModelStatus(request, timeout=10,
+                                       metadata=(("ebr-keep-loaded-seconds", str(seconds)),))
+
+        assert pin(1, 60).model_version_status[0].state == 30  # AVAILABLE
+        publish(base, 2)
+        wait_for(lambda: handle.registry.available() == {"toy": [2, 1]}, what="v2 beside v1")
+        assert ':ebr:model_server:pinned_versions{model_name="toy"} 1.0' in \
+            handle.metrics.exposition().decode()
+        assert client.predict_with_version("toy", {"x": np.ones((1, 3), np.float32)},
+                                           signature="double", version=1)[1] == 1
+        # Latest (no version) is the newest; a renewal replaces the expiry: once the pin
+        # lapses the policy retires v1.
+        assert client.predict_with_version("toy", {"x": np.ones((1, 3), np.float32)},
+                                           signature="double")[1] == 2
+        pin(1, 0.3)
+        wait_for(lambda: handle.registry.available() == {"toy": [2]}, what="pin lapsed")
+        # Pinning a committed version that is not loaded loads it again.
+        assert [s.state for s in pin(1, 30).model_version_status] == [50]  # END: unloaded
+        wait_for(lambda: handle.registry.available() == {"toy": [2, 1]}, what="v1 reloaded")
+        with pytest.raises(grpc.RpcError) as e:
+            stub.GetModelStatus(get_model_status_pb2.GetModelStatusRequest(), timeout=10,
+                                metadata=(("ebr-keep-loaded-seconds", "x"),))
+        assert e.value.code() == C.INVALID_ARGUMENT
+        channel.close()
+        client.close()
+    finally:
+        handle.stop(grace=1)

@@ -75,6 +75,7 @@ def test_retrieve_answers_from_the_pair(stack, client):
     assert r.scores == sorted(r.scores, reverse=True)
     assert (r.model_version, r.index_version, r.backend) == (1, 1, "exact")
     assert r.documents_scanned == len(stack.docs)
+    assert (r.search_plan, r.probes) == ("exact", 0)  # the planner's choice reaches the response
     assert {"validate", "embed", "search", "total"} <= set(r.latency_micros)
     assert r.latency_micros["total"] >= r.latency_micros["embed"] > 0
 
@@ -310,6 +311,7 @@ def test_metrics_endpoint(server, client):
     assert 'ebr_retrieval_errors_total{code="INVALID_ARGUMENT"}' in text
     assert 'ebr_retrieval_latency_seconds_bucket{le="0.005",stage="embed"}' in text
     assert "ebr_retrieval_documents_scanned_count" in text
+    assert 'ebr_retrieval_search_plans_total{plan="exact"}' in text
     assert "ebr_retrieval_index_version 1.0" in text
     assert "ebr_retrieval_embed_batch_size_count" in text
 
@@ -692,3 +694,97 @@ def test_storage_error_while_listing_is_logged_and_the_pair_keeps_serving(stack,
         srv.stop(0)
         if os.path.exists(bad):
             os.remove(bad)
+
+
+def test_deep_filters_are_invalid_argument_not_internal(client):
+    """Nesting beyond index.filters.MAX_DEPTH (parentheses and NOTs) is a syntax error naming
+    the limit, however deep: the parser never recurses past it."""
+    from index.filters import MAX_DEPTH
+
+    deep = ["(" * 328 + "city:seattle" + ")" * 328, "NOT " * 982 + "city:seattle",
+            "(" * (MAX_DEPTH + 1) + "city:seattle" + ")" * (MAX_DEPTH + 1),
+            "NOT (" * 600 + "type:group" + ")" * 600]
+    for expression in deep:
+        with pytest.raises(grpc.RpcError) as e:
+            client.retrieve("club", k=3, filter=expression)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()[:200]
+        assert e.value.details().startswith("filter:")
+        assert f"nested deeper than {MAX_DEPTH}" in e.value.details()
+    # At the limit it is an ordinary filter.
+    nots = MAX_DEPTH // 2 - 1  # odd: every document matches NOT city:nowhere
+    parens = MAX_DEPTH - nots
+    at_limit = "NOT " * nots + "(" * parens + "city:nowhere" + ")" * parens
+    assert len(client.retrieve("club", k=3, filter=at_limit).doc_ids) == 3
+    assert client.retrieve("club", k=3).doc_ids
+
+
+def test_pair_follows_the_model_server_and_never_appearing_models_are_refused(stack,
+                                                                              tmp_path):
+    """Remote model: readiness drops while the model server cannot serve the live pair's
+    version and comes back with it; an index naming a model version that can never be
+    published is refused (metric, log) while the pair keeps serving, and an index waiting
+    for a future model is not reopened on every poll."""
+    import index as index_pkg
+    from serving.model_server.server import start_model_server
+    from serving.retrieval.client import RetrievalClient
+
+    fork = stack.fork(tmp_path / "fork")
+    fork.republish_model(1, as_version=2)
+    fork.publish_index(2, model_version=2)
+    ms = start_model_server(fork.model_dir, 0, poll_seconds=0.1)  # --num-versions 1
+    ms.wait_until_serving(30)
+    srv = start(fork, model=str(fork.query_tower), model_address=f"127.0.0.1:{ms.port}")
+    port = ms.port
+    ms2 = None
+    opened = []
+    real_open = index_pkg.open_index
+    try:
+        with RetrievalClient(f"127.0.0.1:{srv.port}") as c:
+            assert c.retrieve("club", k=3).model_version == 2
+            # An index for model 1 after 2 exists: fine (v1 is committed; pinned, it loads).
+            fork.publish_index(3, model_version=1)
+            deadline = time.monotonic() + 30
+            while srv.manager.pair.index_version != 3:
+                assert time.monotonic() < deadline, srv.manager.waiting_for
+                time.sleep(0.1)
+            assert c.retrieve("club", k=3).model_version == 1
+            assert ms.registry.available()["query_tower"] == [2, 1]  # 1 pinned beyond latest-1
+
+            # Model 9 is above every version: the index waits, opened not once per poll.
+            index_pkg.open_index = lambda *a, **kw: opened.append(a) or real_open(*a, **kw)
+            waits = srv.metrics.reloads.labels("waiting")._value.get()
+            fork._doc_cache[9] = fork.doc_embeddings(1)
+            fork.publish_index(4, model_version=9)
+            time.sleep(1.5)  # ~7 polls
+            assert opened == [] and c.retrieve("club", k=3).index_version == 3
+            assert srv.metrics.reloads.labels("waiting")._value.get() == waits + 1  # logged once
+
+            # Model 0 can never be published (a newer version is): refused for good.
+            fork._doc_cache[0] = fork.doc_embeddings(1)
+            path = fork.publish_index(5, model_version=0)
+            deadline = time.monotonic() + 20
+            while srv.metrics.refused_pairs.labels("model-never-appears")._value.get() < 1:
+                assert time.monotonic() < deadline, "index naming a gone model not refused"
+                time.sleep(0.1)
+            assert "will never appear" in srv.manager._refused[5], path
+            assert c.health() == "SERVING" and c.retrieve("club", k=3).index_version == 3
+
+            # The model server goes away: not ready; back: ready, answering again.
+            ms.stop(0)
+            deadline = time.monotonic() + 20
+            while c.health() != "NOT_SERVING":
+                assert time.monotonic() < deadline, "health stayed SERVING without a model"
+                time.sleep(0.1)
+            assert srv.metrics.ready._value.get() == 0
+            ms2 = start_model_server(fork.model_dir, port, poll_seconds=0.1)
+            deadline = time.monotonic() + 30
+            while c.health() != "SERVING":
+                assert time.monotonic() < deadline, srv.manager.waiting_for
+                time.sleep(0.1)
+            assert srv.metrics.ready._value.get() == 1
+            assert c.retrieve("club", k=3).model_version == 1  # v1 loaded again by its pin
+            assert opened == []
+    finally:
+        index_pkg.open_index = real_open
+        srv.stop(0)
+        (ms2 or ms).stop(0)

@@ -25,7 +25,10 @@ class ModelServerConfig:
     port: int = 8500  # gRPC port (0 = any free port)
     rest_port: int = 0  # REST port for /v1/models/... and metrics (0 = no REST)
     poll_seconds: float = DEFAULT_POLL_SECONDS  # how often to look for new versions
-    num_versions: int = 1  # serve the newest N versions (TF Serving's `latest` policy)
+    num_versions: int = dataclasses.field(default=1, metadata={
+        "help": "serve the newest N versions (TF Serving's `latest` policy); versions a client "
+                "pins (the retrieval service's live pair, docs/contracts.md section 6) stay "
+                "loaded beside them"})
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # largest request (more: RESOURCE_EXHAUSTED)
     tls_cert: str | None = None  # PEM certificate chain (enables TLS with --tls-key)
     tls_key: str | None = None  # PEM private key

@@ -3,18 +3,20 @@
 Checks and status codes follow TF Serving (upstream repository tensorflow/serving, files under
 `tensorflow_serving/`: `servables/tensorflow/predict_util.cc`,
 `model_servers/get_model_status_impl.cc`, `servables/tensorflow/get_model_metadata_impl.cc`,
-`model_servers/server_core.cc`): every refusal is a `ServingError` carrying the gRPC code.
-The front ends record each call into `serving.model_server.metrics`.
+`model_servers/server_core.cc`, `model_servers/model_service_impl.cc`): every refusal is a
+`ServingError` carrying the gRPC code. The front ends record each call into
+`serving.model_server.metrics`.
 """
 from __future__ import annotations
 
 import grpc
 import numpy as np
-from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_pb2,
-                                     predict_pb2, status_pb2)
+from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2,
+                                     model_management_pb2, model_pb2, predict_pb2, status_pb2)
 
 from serving.model_server.config import DEFAULT_SIGNATURE
-from serving.model_server.registry import ModelRegistry, Servable, ServingError
+from serving.model_server.registry import (ConfiguredModel, ModelRegistry, Servable,
+                                           ServingError, VersionPolicy)
 from serving.model_server.tensors import (TensorError, dtype_name, ndarray_to_proto,
                                           proto_to_ndarray)
 
@@ -160,15 +162,78 @@ def metadata(registry: ModelRegistry, request: get_model_metadata_pb2.GetModelMe
         return response
 
 
-def model_status(registry: ModelRegistry, request: get_model_status_pb2.GetModelStatusRequest
+PIN_METADATA = "ebr-keep-loaded-seconds"  # GetModelStatus request metadata: pin the version
+
+
+def model_status(registry: ModelRegistry, request: get_model_status_pb2.GetModelStatusRequest,
+                 pin_seconds: float | None = None
                  ) -> get_model_status_pb2.GetModelStatusResponse:
+    """GetModelStatus; with `pin_seconds` (the `ebr-keep-loaded-seconds` metadata) the named
+    version is pinned first (`ModelRegistry.pin`): NOT_FOUND until it has been listed."""
     spec = request.model_spec
+    version = _version(spec)
     if spec.version_label:
-        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"Unrecognized servable version label: {spec.version_label}")
+        version = registry.label_version(spec.name, spec.version_label)
+    if pin_seconds is not None:
+        if version is None or not spec.name:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"{PIN_METADATA} needs a model name and a version")
+        registry.pin(spec.name, version, pin_seconds)
     response = get_model_status_pb2.GetModelStatusResponse()
-    for rec in registry.status(spec.name, _version(spec)):
+    for rec in registry.status(spec.name, version):
         status = response.model_version_status.add(version=rec.version, state=rec.state)
         status.status.CopyFrom(status_pb2.StatusProto(
             error_code=2 if rec.error else 0, error_message=rec.error))  # 2 = UNKNOWN
     return response
+
+
+def _policy(config) -> VersionPolicy:
+    """ModelConfig.model_version_policy; unset is the newest version (TF Serving's default)."""
+    policy = config.model_version_policy
+    choice = policy.WhichOneof("policy_choice")
+    if choice == "all":
+        return VersionPolicy("all")
+    if choice == "specific":
+        if not policy.specific.versions:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"Model {config.name}: specific version policy lists no versions")
+        return VersionPolicy("specific", versions=frozenset(policy.specific.versions))
+    return VersionPolicy("latest", max(1, policy.latest.num_versions if choice else 1))
+
+
+def _absolute(uri: str) -> bool:
+    return "://" in uri or uri.startswith("/")
+
+
+def reload_config(registry: ModelRegistry, request: model_management_pb2.ReloadConfigRequest
+                  ) -> model_management_pb2.ReloadConfigResponse:
+    """HandleReloadConfigRequest: only a ModelConfigList is accepted; models left out are
+    unloaded, new ones loaded before the answer (`ModelRegistry.reload_config`)."""
+    config = request.config
+    case = config.WhichOneof("config")
+    if case is None:  # server_core.cc: "Taking no action for empty config."
+        return model_management_pb2.ReloadConfigResponse(status=status_pb2.StatusProto())
+    if case != "model_config_list":
+        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                           "ServerModelConfig type not supported by HandleReloadConfigRequest. "
+                           "Only ModelConfigList is currently supported")
+    models = []
+    for entry in config.model_config_list.config:
+        if not entry.name:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "A model config has no name")
+        if not _absolute(entry.base_path):
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"Expected model {entry.name} to have an absolute path or URI; "
+                               f"got base_path()={entry.base_path}")
+        if not entry.model_platform:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                               "Illegal setting neither ModelServerConfig::model_type "
+                               "(deprecated) nor ModelServerConfig::model_platform.")
+        if entry.model_platform != "tensorflow":
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"Model {entry.name}: platform {entry.model_platform!r} is not "
+                               f"served here (only 'tensorflow')")
+        models.append(ConfiguredModel(entry.name, entry.base_path.rstrip("/"), _policy(entry),
+                                      tuple(sorted(entry.version_labels.items()))))
+    registry.reload_config(models)
+    return model_management_pb2.ReloadConfigResponse(status=status_pb2.StatusProto())

@@ -1,7 +1,8 @@
 """The model server's Prometheus metrics, named as TF Serving names them so its dashboards
 carry over: `:tensorflow:serving:request_count{model_name,status}` and `request_latency`, plus
-the versions served per model. The gRPC front end (`serving.model_server.server`) and the REST
-one (`serving.model_server.rest`) record every call here.
+the versions served and the versions pinned per model. The gRPC front end
+(`serving.model_server.server`) and the REST one (`serving.model_server.rest`) record every
+call here.
 """
 from __future__ import annotations
 
@@ -67,6 +68,13 @@ class ModelServerMetrics:
                 gauge.add_sample(":ebr:model_server:loaded_versions", {"model_name": name},
                                  len(versions))
             yield gauge
+            pins = Metric(":ebr:model_server:pinned_versions",
+                          "Versions clients currently pin per model (kept loaded beyond the "
+                          "version policy).", "gauge")
+            for name, versions in self._models.all_pins().items():
+                pins.add_sample(":ebr:model_server:pinned_versions", {"model_name": name},
+                                len(versions))
+            yield pins
 
     def exposition(self) -> bytes:
         return generate_latest(self.prometheus)

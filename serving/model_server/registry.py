@@ -21,6 +21,18 @@ retries failed loads: `--max_num_load_retries`, `--load_retry_interval_micros`),
 transient storage error while reading. A storage error while listing (or a base path that
 vanished) unloads nothing: the poll is logged and skipped, the served versions keep serving and
 the next poll looks again (TF Serving's `servable_versions_always_present` behaviour).
+
+Pins (docs/contracts.md section 6, "the pair switches as one unit"): a client may ask that a
+version stay loaded for a while beyond the version policy (`pin`; over gRPC a GetModelStatus
+naming the version with the request metadata `ebr-keep-loaded-seconds`). A pinned version
+committed on disk is loaded (again) if it is not, and is not retired while the pin lasts; the
+retrieval service renews the pin of the version its live index needs on every poll, so with
+the default `--num-versions 1` that version stays served until the new pair is live.
+
+`reload_config` is TF Serving's HandleReloadConfigRequest (`model_servers/server_core.cc`,
+`ReloadConfig`): from then on the models are the ModelConfigList's (each with its own base path
+and version policy: latest N, all, specific), models left out are unloaded, new ones loaded
+before it answers, and version labels are assigned to available versions.
 """
 from __future__ import annotations
 
@@ -41,6 +53,27 @@ log = logging.getLogger(__name__)
 
 # ModelVersionStatus.State values (tensorflow_serving/apis/get_model_status.proto).
 START, LOADING, AVAILABLE, UNLOADING, END = 10, 20, 30, 40, 50
+
+
+# Longest pin a client may ask for: a pin is a lease that its holder renews, not a setting.
+MAX_PIN_SECONDS = 3600.0
+
+
+@dataclasses.dataclass(frozen=True)
+class VersionPolicy:
+    """TF Serving's ServableVersionPolicy: `latest` (newest `num_versions`), `all`, `specific`."""
+    kind: str = "latest"
+    num_versions: int = 1
+    versions: frozenset = frozenset()
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfiguredModel:
+    """One ModelConfig entry of a reloaded configuration."""
+    name: str
+    base_path: str  # holds VERSION directories directly
+    policy: VersionPolicy
+    labels: tuple = ()  # (label, version) pairs
 
 
 class ServingError(Exception):
@@ -152,8 +185,14 @@ class ModelRegistry:
         # name -> servables currently served, newest first; replaced (never mutated) on a swap.
         self._serving: dict[str, tuple[Servable, ...]] = {}
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a new pin: poll now rather than at the next period
         self._thread: threading.Thread | None = None
         self._poll_lock = threading.Lock()
+        self._pins: dict[str, dict[int, float]] = {}  # name -> version -> monotonic expiry
+        # None: every entry of the base path is a model (latest `num_versions`); else the
+        # models of the last reloaded ModelConfigList.
+        self._configured: dict[str, ConfiguredModel] | None = None
+        self._labels: dict[str, dict[str, int]] = {}
 
     # ---- requests ---------------------------------------------------------------------------
     def acquire(self, name: str, version: int | None = None, label: str = "") -> _Lease:
@@ -162,9 +201,7 @@ class ModelRegistry:
             raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
                                "Missing ModelSpec name: the request names no model")
         if label:
-            # No model config file means no labels are assigned (server_core.cc).
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"Unrecognized servable version label: {label}")
+            version = self.label_version(name, label)
         with self._lock:
             servables = self._serving.get(name, ())
             chosen = None
@@ -194,6 +231,97 @@ class ModelRegistry:
                                    f"Could not find version {version} of model {name}")
             return [dataclasses.replace(records[version])]
 
+    def label_version(self, name: str, label: str) -> int:
+        """The version a label names (labels come from a reloaded config, server_core.cc)."""
+        with self._lock:
+            version = self._labels.get(name, {}).get(label)
+        if version is None:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"Unrecognized servable version label: {label}")
+        return version
+
+    # ---- pins -------------------------------------------------------------------------------
+    def pin(self, name: str, version: int, seconds: float) -> None:
+        """Keeps `version` of `name` loaded (loading it if committed but not loaded) for
+        `seconds` beyond the version policy; renewing replaces the expiry."""
+        seconds = min(max(0.0, float(seconds)), MAX_PIN_SECONDS)
+        with self._lock:
+            pins = self._pins.setdefault(name, {})
+            new = version not in pins
+            pins[version] = time.monotonic() + seconds
+            records = self._models.get(name, {})
+            loaded = version in records and records[version].servable is not None
+        if new and not loaded:
+            self._wake.set()
+
+    def pinned(self, name: str) -> set[int]:
+        now = time.monotonic()
+        with self._lock:
+            pins = self._pins.get(name, {})
+            for v in [v for v, until in pins.items() if until <= now]:
+                del pins[v]
+            return set(pins)
+
+    def all_pins(self) -> dict[str, list[int]]:
+        return {n: sorted(self.pinned(n)) for n in list(self._pins)}
+
+    # ---- configuration (HandleReloadConfigRequest) ------------------------------------------
+    def reload_config(self, models: list[ConfiguredModel], timeout: float = 300.0) -> None:
+        """Applies a ModelConfigList: ServingError with TF Serving's status when it is invalid
+        or a new model does not become available (server_core.cc ReloadConfig)."""
+        names = [m.name for m in models]
+        for m in models:
+            if names.count(m.name) > 1:
+                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"Illegal to list model {m.name} multiple times in config list")
+        with self._lock:
+            before = set(self._models)
+            self._configured = {m.name: m for m in models}
+            # Labels are assigned once the versions they name are available (below).
+        added = [n for n in names if n not in before]
+        log.info("model config reloaded: %s (new: %s, left out and unloaded: %s)",
+                 names, added, sorted(before - set(names)))
+        deadline = time.monotonic() + timeout
+        while True:
+            self.poll_once()
+            available = self.available()
+            missing = [n for n in added if not available.get(n)]
+            if not missing:
+                break
+            with self._lock:  # a new model whose versions all failed to load is an error
+                failed = [n for n in missing if self._models.get(n) and all(
+                    r.error and r.state == END for r in self._models[n].values())]
+                empty = [n for n in missing if not self._models.get(n)]
+            if failed or empty or time.monotonic() > deadline:
+                raise ServingError(grpc.StatusCode.UNKNOWN,
+                                   "Some models did not become available: {"
+                                   + ", ".join(f"{{name: {n} version: latest}}" for n in missing)
+                                   + "}")
+            time.sleep(0.05)
+        labels = {}
+        for m in models:
+            for label, version in m.labels:
+                if version not in available.get(m.name, []):
+                    raise ServingError(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"Request to assign label to version {version} of model {m.name}, "
+                        f"which is not currently available for inference")
+                labels.setdefault(m.name, {})[label] = version
+        with self._lock:
+            self._labels = labels
+
+    def _policy(self, name: str) -> VersionPolicy:
+        configured = self._configured
+        if configured is not None and name in configured:
+            return configured[name].policy
+        return VersionPolicy("latest", self.num_versions)
+
+    def _model_dir(self, name: str) -> str:
+        configured = self._configured
+        if configured is not None and name in configured:
+            return configured[name].base_path
+        return storage.join(self.base_path, name)
+
     def knows(self, name: str) -> bool:
         with self._lock:
             return name in self._models
@@ -217,11 +345,16 @@ class ModelRegistry:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.poll_seconds):
+        while not self._stop.is_set():
+            self._wake.wait(self.poll_seconds)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 self.poll_once()
             except Exception:  # noqa: BLE001 - a bad poll must not end polling
@@ -231,6 +364,15 @@ class ModelRegistry:
         """One look at the base path. Listing errors (and a vanished base path) change nothing:
         what serves keeps serving until a poll lists again."""
         with self._poll_lock:
+            configured = self._configured
+            if configured is not None:
+                changed = False
+                for name in sorted(set(configured) | set(self._models)):
+                    changed |= (self._reconcile(name) if name in configured
+                                else self._retire_model(name))
+                if changed and self.on_change is not None:
+                    self.on_change(self)
+                return
             try:
                 if not storage.exists(self.base_path):
                     log.warning("model base path %s does not exist (yet); keeping %s",
@@ -249,7 +391,7 @@ class ModelRegistry:
 
     def _on_disk(self, name: str) -> dict[int, str] | None:
         """Committed versions of model `name` -> version dir; None when listing failed."""
-        model_dir = storage.join(self.base_path, name)
+        model_dir = self._model_dir(name)
         try:
             versions = artifacts.versions(model_dir)
         except storage.StorageError as e:
@@ -267,20 +409,21 @@ class ModelRegistry:
                 # Every version gone at once while one serves: a renamed or unreachable model
                 # directory rather than a retirement, which keeps serving (poll again).
                 log.warning("model %s: no committed version listed under %s; keeping %s",
-                            name, storage.join(self.base_path, name), self.available().get(name))
+                            name, self._model_dir(name), self.available().get(name))
             return False
         with self._lock:
             records = self._models.setdefault(name, {})
         changed = False
         now = time.monotonic()
+        policy, pinned = self._policy(name), self.pinned(name)
         for version in sorted(on_disk, reverse=True):
             rec = records.get(version)
             if rec is not None and rec.servable is not None:
                 continue
             if rec is not None and rec.state == LOADING:
                 continue
-            if self._newest_loaded_count(records, on_disk, above=version) >= self.num_versions:
-                break  # enough newer versions already serve: older ones are not aspired
+            if version not in pinned and not self._aspired(policy, records, on_disk, version):
+                continue  # e.g. enough newer versions already serve (latest policy)
             if rec is not None and rec.error and now < rec.retry_at:
                 continue  # failed before: retried once its backoff has passed
             failures = rec.failures if rec is not None else 0
@@ -291,6 +434,26 @@ class ModelRegistry:
             self._load(name, rec)
         changed |= self._swap(name, on_disk)
         return changed
+
+    def _aspired(self, policy: VersionPolicy, records, on_disk, version: int) -> bool:
+        if policy.kind == "all":
+            return True
+        if policy.kind == "specific":
+            return version in policy.versions
+        return self._newest_loaded_count(records, on_disk, above=version) < policy.num_versions
+
+    def _keep(self, name: str, loaded: list, pinned: set[int]) -> list:
+        """The loaded records (newest first) to serve: the policy's, plus pinned ones."""
+        policy = self._policy(name)
+        if policy.kind == "all":
+            return loaded
+        if policy.kind == "specific":
+            return [r for r in loaded if r.version in policy.versions or r.version in pinned]
+        return [r for i, r in enumerate(loaded) if i < policy.num_versions or r.version in pinned]
+
+    def _retire_model(self, name: str) -> bool:
+        """A model left out of a reloaded config: every version unloads (server_core.cc)."""
+        return self._swap(name, {}, removed=True)
 
     @staticmethod
     def _newest_loaded_count(records: dict[int, VersionRecord], on_disk: dict[int, str],
@@ -321,10 +484,13 @@ class ModelRegistry:
         log.info("loaded %s version %d in %.2fs (signatures %s)", name, rec.version,
                  time.monotonic() - started, sorted(servable.functions))
 
-    def _swap(self, name: str, on_disk: dict[int, str]) -> bool:
+    def _swap(self, name: str, on_disk: dict[int, str], removed: bool = False) -> bool:
         """Makes the newest loaded versions current in one assignment; retires the others."""
+        pinned = set() if removed else self.pinned(name)
         with self._lock:
-            records = self._models[name]
+            records = self._models.get(name)
+            if records is None:
+                return False
             changed = False
             for v in [v for v, r in records.items()
                       if v not in on_disk and r.servable is None and r.state != LOADING]:
@@ -333,7 +499,7 @@ class ModelRegistry:
             loaded = sorted((r for v, r in records.items() if r.servable is not None
                              and v in on_disk and r.state != UNLOADING),
                             key=lambda r: r.version, reverse=True)
-            keep = loaded[: self.num_versions]
+            keep = [] if removed else self._keep(name, loaded, pinned)
             keep_versions = {r.version for r in keep}
             new = tuple(r.servable for r in keep)
             old = self._serving.get(name, ())

@@ -107,13 +107,21 @@ class ModelServicer:
 
     def GetModelStatus(self, request, context):
         f = self.front
+        pin = None
+        for key, value in context.invocation_metadata() or ():
+            if key == f.handlers.PIN_METADATA:
+                try:
+                    pin = float(value)
+                except ValueError:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"{key}: not a number of seconds: {value!r}")
         return f.call("GetModelStatus", request.model_spec.name, context,
-                      lambda: f.handlers.model_status(f.registry, request))
+                      lambda: f.handlers.model_status(f.registry, request, pin))
 
     def HandleReloadConfigRequest(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                      "model config reload is not supported: every subdirectory of the base "
-                      "path is a model, picked up by polling")
+        f = self.front
+        return f.call("HandleReloadConfigRequest", "", context,
+                      lambda: f.handlers.reload_config(f.registry, request))
 
 
 @dataclasses.dataclass

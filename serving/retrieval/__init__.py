@@ -10,7 +10,7 @@ a newer index version is loaded with its model and swapped in without dropping a
 
   config.py      ServeConfig: the settings (`ebr serve retrieval` flags)
   embedder.py    the query tower: request features in, vectors out (in-process or remote)
-  pairs.py       the serving pair, the index poller and the swap
+  pairs.py       the serving pair, the index poller, model pins, refusals and the swap
   validation.py  a request's fields checked before any work is spent on it
   batching.py    concurrent requests embedded and searched together
   ensembles.py   named ensembles a request may ask for (paper section 6.2)

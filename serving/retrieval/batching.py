@@ -38,6 +38,12 @@ class _Job:
     future: asyncio.Future
 
 
+def plan_of(result, j: int) -> tuple[str, int]:
+    """(plan, probes) of query j of an index search result."""
+    plan = result.plan[j] if len(result.plan) > j else ""
+    return plan, int(result.probes[j]) if len(result.probes) > j else 0
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchedResult:
     doc_ids: list
@@ -46,6 +52,8 @@ class BatchedResult:
     queue_seconds: float  # waiting for a batch slot (the previous batch was running)
     embed_seconds: float  # the batch's tower call
     search_seconds: float  # the batch's index search for this request's (k, filter, radius)
+    plan: str = ""  # the index planner's plan for this query (index.searcher.SearchResult.plan)
+    probes: int = 0
 
 
 def run_batch(jobs: Sequence[_Job], params: dict | None,
@@ -103,7 +111,8 @@ def run_batch(jobs: Sequence[_Job], params: dict | None,
         for j, i in enumerate(idx):
             outcomes[i] = BatchedResult(
                 list(result.doc_ids[j]), np.asarray(result.scores[j], np.float32).tolist(),
-                int(result.scanned[j]), t0 - jobs[i].enqueued, t1 - t0, search_seconds)
+                int(result.scanned[j]), t0 - jobs[i].enqueued, t1 - t0, search_seconds,
+                *plan_of(result, j))
     return outcomes
 
 

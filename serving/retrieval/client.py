@@ -32,6 +32,8 @@ class Retrieved:
     model_version: int
     index_version: int
     backend: str
+    search_plan: str = ""  # the index planner's plan (exact | ann | postfilter | empty)
+    probes: int = 0
 
 
 def searcher_proto(searcher: Mapping | None) -> retrieval_pb2.SearcherFeatures:
@@ -67,7 +69,7 @@ def to_retrieved(response: retrieval_pb2.RetrieveResponse) -> Retrieved:
     d = response.debug
     return Retrieved(list(response.doc_ids), list(response.scores),
                      {s.stage: s.micros for s in d.latency}, d.documents_scanned,
-                     d.model_version, d.index_version, d.backend)
+                     d.model_version, d.index_version, d.backend, d.search_plan, d.probes)
 
 
 class RetrievalClient:
@@ -130,7 +132,7 @@ def format_table(query: str, result: Retrieved) -> str:
     """A readable table of one response (used by `ebr query`)."""
     lines = [f"query {query!r}: {len(result.doc_ids)} documents "
              f"(model v{result.model_version}, index v{result.index_version} {result.backend}, "
-             f"{result.documents_scanned} scanned)",
+             f"{result.documents_scanned} scanned, plan {result.search_plan or '-'})",
              f"{'rank':>4}  {'score':>8}  doc_id"]
     for rank, (doc, score) in enumerate(zip(result.doc_ids, result.scores), 1):
         lines.append(f"{rank:>4}  {score:>8.4f}  {doc}")

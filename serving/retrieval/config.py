@@ -26,6 +26,11 @@ class ServeConfig:
     model_address: str | None = None  # host:port of TF Serving / `ebr serve model`
     model_name: str = "query_tower"  # the query tower's name on the model server
     model_tls_ca: str | None = None  # CA certificate of a TLS model server
+    # The model version the live index needs (and the one a waiting index needs) is pinned on
+    # the model server for this long, renewed on every poll (docs/contracts.md section 6).
+    model_pin_seconds: float = dataclasses.field(default=60.0, metadata=_help(
+        "how long the model server keeps the pinned query tower versions loaded after each "
+        "renewal (renewed every --poll-seconds)"))
     host: str = "[::]"  # address to bind
     port: int = 8600  # gRPC port (0 = any free port)
     metrics_port: int | None = None  # Prometheus /metrics port (none = no endpoint, 0 = any free)

@@ -9,6 +9,10 @@ scalar kinds as `[B]`, MULTI kinds as `[B, N]` padded with "" (N = longest list 
 
 The service pins the model version to the one its index was built for (the index manifest's
 `model_version`), so a query is never embedded by one model and searched in another's space.
+Both sources answer `pin(versions)` (is each version usable now?) and `committed()` (the tower
+versions published, when the source can list them) for the pair manager
+(`serving.retrieval.pairs`); the remote one also asks the model server to keep those versions
+loaded (`ebr-keep-loaded-seconds`, `serving.model_server.registry` "Pins").
 Model directories are any URI (local or gs://); only committed tower versions count
 (`ebr.artifacts.versions`: both towers of the export committed them), and `ebr_metadata.json`
 is read with `ebr.artifacts.read_model_metadata`.
@@ -32,8 +36,27 @@ SIGNATURE = "serving_default"
 OUTPUT = "embedding"
 
 
+PIN_METADATA = "ebr-keep-loaded-seconds"  # serving.model_server.handlers.PIN_METADATA
+
+
 class ModelUnavailable(RuntimeError):
     """The requested model version is not (yet) loadable; the caller may retry later."""
+
+
+_CLAIMED: dict[tuple[str, int], int] = {}  # committed versions are immutable: read once
+
+
+def claimed_version(base: str, version: int) -> int | None:
+    """The version `BASE/VERSION/ebr_metadata.json` names (None when unreadable): a copied
+    tower directory names the version it was copied from."""
+    key = (base, version)
+    if key not in _CLAIMED:
+        try:
+            meta = artifacts.read_model_metadata(storage.join(base, version))
+            _CLAIMED[key] = int(meta["version"])
+        except (artifacts.ArtifactError, storage.StorageError, KeyError, TypeError, ValueError):
+            return None
+    return _CLAIMED[key]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +175,26 @@ class LocalModelSource:
                 self._cache[version] = LocalEncoder(path)
             return self._cache[version]
 
+    def committed(self) -> list[int]:
+        return self.versions()
+
+    def claimed_version(self, version: int) -> int | None:
+        return claimed_version(self.base, version)
+
+    def pin(self, versions: set[int]) -> dict[int, bool]:
+        """In-process: a version is usable when loaded here or committed (open loads it); a
+        loaded one stays usable through a storage outage."""
+        with self._lock:
+            loaded = set(self._cache)
+        committed: set[int] = set()
+        if set(versions) - loaded:
+            try:
+                committed = set(self.versions())
+            except storage.StorageError as e:
+                log.warning("cannot list query tower versions", extra={"base": self.base,
+                                                                       "reason": str(e)})
+        return {v: v in loaded or v in committed for v in versions}
+
     def release(self, keep: set[int]) -> None:
         """Drops loaded versions no longer served (their memory goes once requests finish)."""
         with self._lock:
@@ -211,12 +254,14 @@ class RemoteModelSource:
     without it only the dimension is checked (read from the signature's output shape)."""
 
     def __init__(self, address: str, model_name: str = "query_tower",
-                 metadata_dir: str | Path | None = None, tls_ca: str | None = None):
+                 metadata_dir: str | Path | None = None, tls_ca: str | None = None,
+                 pin_seconds: float = 60.0):
         import grpc
         from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
         self.address = address
         self.model_name = model_name
+        self.pin_seconds = pin_seconds
         self.metadata_dir = storage.normalize(os.fspath(metadata_dir)) if metadata_dir else None
         options = [("grpc.max_receive_message_length", 64 << 20)]
         if tls_ca:
@@ -274,18 +319,55 @@ class RemoteModelSource:
             info = ModelInfo(version, self._dimension(version), None, source)
         return RemoteEncoder(self, info)
 
+    def committed(self) -> list[int] | None:
+        """Tower versions published under the metadata directory; None without one."""
+        return artifacts.versions(self.metadata_dir) if self.metadata_dir else None
+
+    def claimed_version(self, version: int) -> int | None:
+        return claimed_version(self.metadata_dir, version) if self.metadata_dir else version
+
+    def pin(self, versions: set[int]) -> dict[int, bool] | None:
+        """Asks the model server to keep `versions` loaded for `pin_seconds` (and to load a
+        committed one it does not hold: `serving.model_server.registry` "Pins"; stock TF
+        Serving answers the status and ignores the metadata). Version -> AVAILABLE now; None
+        when the model server cannot be asked (down, overloaded)."""
+        import grpc
+        from tensorflow_serving.apis import get_model_status_pb2
+
+        available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+        out = {}
+        for version in sorted(versions):
+            request = get_model_status_pb2.GetModelStatusRequest()
+            request.model_spec.name = self.model_name
+            request.model_spec.version.value = version
+            try:
+                response = self.model_stub.GetModelStatus(
+                    request, timeout=5.0, metadata=((PIN_METADATA, f"{self.pin_seconds:g}"),))
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.NOT_FOUND:
+                    out[version] = False
+                    continue
+                log.warning("cannot ask the model server for its versions",
+                            extra={"address": self.address, "code": e.code().name,
+                                   "reason": e.details()})
+                return None
+            out[version] = any(s.version == version and s.state == available
+                               for s in response.model_version_status)
+        return out
+
     def release(self, keep: set[int]) -> None:
-        pass  # the model server owns the loaded versions
+        pass  # the model server owns the loaded versions (pins lapse on their own)
 
     def close(self) -> None:
         self.channel.close()
 
 
 def open_source(model_dir: str | None, address: str | None, model_name: str = "query_tower",
-                tls_ca: str | None = None):
+                tls_ca: str | None = None, pin_seconds: float = 60.0):
     """The configured model source: remote when an address is set, else in-process."""
     if address:
-        return RemoteModelSource(address, model_name, metadata_dir=model_dir, tls_ca=tls_ca)
+        return RemoteModelSource(address, model_name, metadata_dir=model_dir, tls_ca=tls_ca,
+                                 pin_seconds=pin_seconds)
     if not model_dir:
         raise ValueError("set a model address (--model-address) or a model directory (--model)")
     return LocalModelSource(model_dir)

@@ -1,7 +1,8 @@
 """The retrieval service's Prometheus metrics (served on `--metrics-port`): requests and errors
 by status code, latency by stage (validate, queue, embed, search, ensemble, total), documents
-scanned, dynamic batch sizes, readiness, the serving pair's versions and index reloads by
-result. The servicer and the pair manager record into one `Metrics` per server.
+scanned, search plans, dynamic batch sizes, readiness, the serving pair's versions, index reloads by result
+and refused pairs by reason. The servicer and the pair manager record into one `Metrics` per
+server.
 """
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ class Metrics:
                                           .05, .1, .25, .5, 1, 2.5, 5))
         self.scanned = Histogram("ebr_retrieval_documents_scanned", "Documents scored per query",
                                  registry=r, buckets=tuple(4 ** i for i in range(2, 12)))
+        self.plans = Counter("ebr_retrieval_search_plans_total",
+                             "Queries by the index planner's plan (exact, ann, postfilter, empty)",
+                             ["plan"], registry=r)
         self.in_flight = Gauge("ebr_retrieval_in_flight", "Retrieve requests executing", registry=r)
         self.ready = Gauge("ebr_retrieval_ready", "1 when a model/index pair is serving",
                            registry=r)
@@ -32,5 +36,9 @@ class Metrics:
         self.embed_batch = Histogram("ebr_retrieval_embed_batch_size",
                                      "Queries per query-tower call (dynamic batching)", registry=r,
                                      buckets=(1, 2, 4, 8, 16, 32, 64))
+        self.refused_pairs = Counter(
+            "ebr_retrieval_refused_pairs_total",
+            "New index versions refused for good because their pair can never be consistent",
+            ["reason"], registry=r)
         self.reloads = Counter("ebr_retrieval_reloads_total", "Index reload attempts by result",
                                ["result"], registry=r)

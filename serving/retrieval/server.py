@@ -4,9 +4,10 @@ Place in the data flow: the process at its end (the package docstring, `serving.
 gives the whole path). `RetrievalServer` puts the parts together around one grpc.aio server on
 its own event loop thread: the pair manager and its index poller (`serving.retrieval.pairs`),
 the servicer (`serving.retrieval.servicer`), grpc.health.v1 (SERVING only while a pair is
-loaded; "liveness" SERVING while the process runs), Prometheus metrics on their own HTTP port
-(`serving.retrieval.metrics`), bounded concurrency (gRPC's `maximum_concurrent_rpcs` answers
-RESOURCE_EXHAUSTED instead of queueing without bound), optional TLS (and mutual TLS). `serve`
+loaded and its model available; "liveness" SERVING while the process runs), Prometheus metrics
+on their own HTTP port (`serving.retrieval.metrics`), bounded concurrency (gRPC's
+`maximum_concurrent_rpcs` answers RESOURCE_EXHAUSTED instead of queueing without bound),
+optional TLS (and mutual TLS). `serve`
 is the `ebr serve retrieval` process: it runs until SIGTERM, then drains.
 """
 from __future__ import annotations
@@ -59,6 +60,8 @@ class RetrievalServer:
         self.source = open_model_source(config)
         self.manager = PairManager(config.index, self.source, on_change=self._on_change,
                                    on_reload=lambda r: self.metrics.reloads.labels(r).inc(),
+                                   on_refused=lambda r: self.metrics.refused_pairs.labels(r).inc(),
+                                   on_live=self._on_live,
                                    retry_seconds=config.retry_seconds,
                                    retry_max_seconds=config.retry_max_seconds)
         self.health = health_aio.HealthServicer()
@@ -95,6 +98,15 @@ class RetrievalServer:
         self.metrics.index_version.set(pair.index_version)
         self.metrics.ready.set(1)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    def _on_live(self, ok: bool, reason: str) -> None:
+        """The live pair's model became unavailable (or available again): readiness follows,
+        so load balancers stop routing requests that cannot be answered."""
+        if self._draining:
+            return
+        self.metrics.ready.set(1 if ok else 0)
+        self._set_health(health_pb2.HealthCheckResponse.SERVING if ok
+                         else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def _start_server(self) -> None:
         cfg = self.config

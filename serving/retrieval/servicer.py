@@ -23,7 +23,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from serving.retrieval import embedder, retrieval_pb2
-from serving.retrieval.batching import BatchedResult, DeadlineExpired, RetrieveBatcher
+from serving.retrieval.batching import BatchedResult, DeadlineExpired, RetrieveBatcher, plan_of
 from serving.retrieval.config import ServeConfig
 from serving.retrieval.ensembles import EnsembleCall, Registry
 from serving.retrieval.metrics import Metrics
@@ -149,7 +149,7 @@ class RetrievalServicer:
             t_done = time.perf_counter()
             stages.append(("ensemble", t_done - t_valid))
             doc_ids, scores = list(result.doc_ids), list(result.scores)
-            scanned = int(result.scanned)
+            scanned, plan, probes = int(result.scanned), "", 0  # several searches, no one plan
         elif self.batcher is not None:
             try:
                 r = await self.batcher.retrieve(pair, values, k, filt, radius, remaining)
@@ -158,22 +158,25 @@ class RetrievalServicer:
             t_done = time.perf_counter()
             stages += [("queue", r.queue_seconds), ("embed", r.embed_seconds),
                        ("search", r.search_seconds)]
-            doc_ids, scores, scanned = r.doc_ids, r.scores, r.scanned
+            doc_ids, scores, scanned, plan, probes = r.doc_ids, r.scores, r.scanned, r.plan, r.probes
         else:
             r = await self._blocking(lambda: self._embed_and_search(
                 pair, values, k, filt, radius, remaining, context))
             t_done = time.perf_counter()
             stages += [("embed", r.embed_seconds), ("search", r.search_seconds)]
-            doc_ids, scores, scanned = r.doc_ids, r.scores, r.scanned
+            doc_ids, scores, scanned, plan, probes = r.doc_ids, r.scores, r.scanned, r.plan, r.probes
         stages.append(("total", t_done - start))
         for stage, seconds in stages[:-1]:
             self.metrics.latency.labels(stage).observe(seconds)
         self.metrics.scanned.observe(scanned)
+        if plan:
+            self.metrics.plans.labels(plan).inc()
         debug = retrieval_pb2.RetrieveDebug(
             latency=[retrieval_pb2.StageLatency(stage=s, micros=int(sec * 1e6))
                      for s, sec in stages],
             documents_scanned=scanned, model_version=pair.model_version,
-            index_version=pair.index_version, backend=pair.backend)
+            index_version=pair.index_version, backend=pair.backend, search_plan=plan,
+            probes=probes)
         return retrieval_pb2.RetrieveResponse(doc_ids=doc_ids, scores=scores, debug=debug)
 
     def _embed_and_search(self, pair: Pair, values: dict, k: int, filt: str | None,
@@ -188,7 +191,8 @@ class RetrievalServicer:
         result = pair.searcher.search(vector, k, filter=filt, radius=radius, params=self._params)
         return BatchedResult(list(result.doc_ids[0]),
                              np.asarray(result.scores[0], dtype=np.float32).tolist(),
-                             int(result.scanned[0]), 0.0, t1 - t0, time.perf_counter() - t1)
+                             int(result.scanned[0]), 0.0, t1 - t0, time.perf_counter() - t1,
+                             *plan_of(result, 0))
 
     def _call(self, fn):
         """Runs one stage, mapping its failures onto gRPC status codes."""
@@ -210,7 +214,8 @@ class RetrievalServicer:
                 # only the newest unless its version policy keeps two): retryable, not a bug.
                 return _Abort(grpc.StatusCode.UNAVAILABLE,
                               f"model server no longer serves the pinned query tower version "
-                              f"(serve the newest 2 versions): {details}")
+                              f"(pinned while its pair is live: is the model server ours, or "
+                              f"does its version policy keep the version?): {details}")
             if code not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE,
                             grpc.StatusCode.RESOURCE_EXHAUSTED):
                 code = grpc.StatusCode.INTERNAL

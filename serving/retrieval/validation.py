@@ -72,7 +72,7 @@ def validate(request, *, max_k: int, backends: Sequence[str],
     if request.filter and parse_filter is not None:
         try:  # syntax is checked before any embedding work is spent on the request
             parse_filter(request.filter)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # the parser bounds depth; belt and braces
             raise InvalidRequest("filter", str(e)) from None
     if request.HasField("radius") and not math.isfinite(request.radius):
         raise InvalidRequest("radius", f"must be finite, got {request.radius}")
