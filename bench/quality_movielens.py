@@ -10,8 +10,8 @@ by exact search over all 1682 movies, recall@10/50/100 under two protocols: `all
 interaction ranked among every movie, the TFRS tutorial metric) and `exclude_train` (the user's
 training movies removed from the ranking, the usual offline protocol). Unified variants are
 trained and evaluated by `trainer.task.train` / `trainer.evaluate`; baselines are evaluated here
-with the same protocols. Discrete baseline scores (popularity counts) tie: their recall is the
-exact expectation under random tie-breaking.
+with the same protocols. Every recall is `ebr.recall`'s: ties (popularity counts tie often) are
+broken at random in expectation.
 
 Baselines:
 - TFRS basic retrieval recipe: user id -> movie embeddings (32-d), `tfrs.tasks.Retrieval`,
@@ -121,28 +121,27 @@ def recall(score_fn, train, evals, docs) -> dict:
     """Recall@K under both protocols. score_fn(user_rows [n]) -> [n, N] scores over `docs`."""
     import numpy as np
 
+    from ebr import recall as exact_recall
+
     col = {d: i for i, d in enumerate(docs)}
     users = sorted({u for u, _ in train} | {u for u, _ in evals})
     row = {u: i for i, u in enumerate(users)}
     seen = [[] for _ in users]
     for u, d in train:
         seen[row[u]].append(col[d])
-    hits = {p: np.zeros(len(KS)) for p in ("all", "exclude_train")}
+
+    counts = {p: ([], []) for p in ("all", "exclude_train")}
     for start in range(0, len(evals), 2048):
         chunk = evals[start:start + 2048]
         scores = np.asarray(score_fn(np.array([row[u] for u, _ in chunk])), np.float64)
-        for i, (u, d) in enumerate(chunk):
-            s, j = scores[i], col[d]
-            for proto in hits:
-                if proto == "exclude_train":
-                    s = s.copy()
-                    s[[c for c in seen[row[u]] if c != j]] = -np.inf
-                greater = int((s > s[j]).sum())
-                ties = int((s == s[j]).sum()) - 1
-                # Expected recall under uniform random tie-breaking: rank ~ greater + U{0..ties}.
-                hits[proto] += [np.clip((k - greater) / (ties + 1), 0.0, 1.0) for k in KS]
-    return {p: {f"recall_at_{k}": float(h[n] / len(evals)) for n, k in enumerate(KS)}
-            for p, h in hits.items()}, users, row
+        positives = [col[d] for _, d in chunk]
+        # The project's tie rule (ebr.recall): ties broken at random in expectation.
+        for proto, exclude in (("all", None), ("exclude_train", [seen[row[u]] for u, _ in chunk])):
+            g, t = exact_recall.tie_counts(scores, positives, exclude=exclude)
+            counts[proto][0].append(g)
+            counts[proto][1].append(t)
+    return {p: exact_recall.recall_at(np.concatenate(g), np.concatenate(t), KS, key="recall_at_{k}")
+            for p, (g, t) in counts.items()}, users, row
 
 
 def most_popular(train, evals, docs) -> dict:

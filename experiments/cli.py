@@ -18,9 +18,12 @@ def register(subparsers) -> None:
     exp = subparsers.add_parser("experiment", help="the paper's experiments")
     exp_sub = exp.add_subparsers(dest="experiment", required=True)
     tables = exp_sub.add_parser(
-        "paper-tables", help="reproduce the paper's findings on `ebr data social` logs",
+        "paper-tables", help="reproduce the paper's findings on `ebr data social` logs or your own (--raw DIR)",
         description="Runs the paper's 8 training-data and serving experiments over several seeds and writes a "
-                    "Markdown report with tables (mean and std) and PNG plots.")
+                    "Markdown report with tables (mean and std) and PNG plots. The logs are generated per seed "
+                    "(`ebr data social`) unless --raw DIR names canonical raw logs (docs/data-format.md), "
+                    "which every seed then shares; rows those logs cannot measure are reported with the "
+                    "reason, and the report names the source.")
     config.add_arguments(tables, PaperTablesConfig)
     tables.set_defaults(func=_paper_tables)
 

@@ -3,7 +3,8 @@
 Place in the data flow: between evaluation and embedding in the retraining pipeline (the role
 of TFX's Evaluator blessing, checked before its Pusher). The evaluate step measures the
 candidate and the served model on the same held-out split (`trainer.evaluate`, exact search
-over the whole corpus) and writes `RUN/evaluation.json`; from that report this module decides
+over the whole corpus, recall with ties broken at random in expectation: `ebr.recall`) and
+writes `RUN/evaluation.json`; from that report this module decides
 
     candidate recall@k >= served recall@k - tolerance        (no served model yet: passes)
 
@@ -149,5 +150,7 @@ def plot_html(report: dict, decision: Decision) -> str:
     return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>gate</title></head><body>"
             f"<h3>{html.escape(summary(report, decision))}</h3>"
             f"<img alt='recall@K' src='data:image/png;base64,{png}'/>"
+            # the evaluation's `protocols` (trainer.evaluate): ebr.recall's tie rule
+            "<p>recall with ties broken at random in expectation</p>"
             "<table border='1' cellpadding='4'><tr><th>K</th><th>candidate</th><th>served</th></tr>"
             + "".join(rows) + "</table></body></html>")

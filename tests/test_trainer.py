@@ -171,11 +171,13 @@ def test_parse_spec_comes_from_schema_and_multi_is_padded_dense(dataset):
 def test_positive_rank_protocols():
     from trainer.evaluate import positive_rank
 
+    # (greater, ties) under `all`, then under `exclude_train` (ebr.recall's tie rule)
     scores = np.array([0.9, 0.5, 0.7, 0.7, 0.1])
-    assert positive_rank(scores, 2) == (2, 2)  # 0.9 above, the 0.7 tie counts against
-    assert positive_rank(scores, 2, [0, 2]) == (2, 1)  # training doc 0 removed, positive kept
-    assert positive_rank(scores, 0, [1, 3, 4]) == (0, 0)
-    assert positive_rank(scores, 4, [0, 0, 1]) == (4, 2)
+    assert positive_rank(scores, 2) == ((1, 1), (1, 1))  # 0.9 above, one 0.7 tie
+    assert positive_rank(scores, 2, [0, 2]) == ((1, 1), (0, 1))  # training doc 0 removed, positive kept
+    assert positive_rank(scores, 2, [3]) == ((1, 1), (1, 0))  # the tied training doc removed
+    assert positive_rank(scores, 0, [1, 3, 4]) == ((0, 0), (0, 0))
+    assert positive_rank(scores, 4, [0, 0, 1]) == ((4, 0), (2, 0))
 
 
 def test_corrupt_tfrecord_error_names_the_file(dataset, tmp_path, capsys):
@@ -293,6 +295,44 @@ def test_training_learns_and_reports(trained, dataset):
     for name in ("query_tower", "doc_tower"):
         assert artifacts.versions(os.path.join(model_dir, name)) == [result["version"]]
     assert json.load(open(os.path.join(model_dir, f"train_result-{result['version']}.json")))["steps"] == result["steps"]
+
+
+def test_evaluate_agrees_with_ebr_recall_on_a_text_only_model_with_ties(dataset, tmp_path):
+    """A text-only model scores namesakes (documents sharing their text) exactly alike: `ebr
+    evaluate` on its export gives the recall `ebr.recall` gives on the paper tables' embeddings
+    of the same split, under both protocols and both tie rules."""
+    from ebr import recall
+    from experiments.paper_tables.metrics import embed_split
+    from trainer.evaluate import evaluate, training_items
+
+    model_dir = str(tmp_path / "text_only")
+    task.train(tfx.tiny_config(dataset, model_dir, "epochs=1", "steps_per_epoch=10",
+                               f"tower_features={features.QUERY_TEXT},{features.DOC_TEXT}"))
+    vdir = _vdir(dataset)
+    ev = evaluate(os.path.join(model_dir, "query_tower"), eval_pattern=os.path.join(vdir, "eval", "*.tfrecord.gz"),
+                  corpus=os.path.join(vdir, "corpus", "*.tfrecord.gz"), ks=[1, 10, 50],
+                  train_pattern=os.path.join(vdir, "train", "*.tfrecord.gz"))
+    e = embed_split(model_dir, dataset)
+    assert len(e.positives) == ev["examples"]
+    all_counts = recall.exact_tie_counts(e.queries, e.docs, e.positives)
+    assert ev["positives_tied"]["all"] == pytest.approx(float((all_counts[1] > 0).mean()), abs=1.01 / ev["examples"])
+    assert ev["positives_tied"]["all"] > 0.05  # the namesakes do tie
+    seen = training_items(os.path.join(vdir, "train", "*.tfrecord.gz"))
+    searchers = []
+    for batch in data.make_dataset(os.path.join(vdir, "eval", "*.tfrecord.gz"), 1024, shuffle=False,
+                                   names=(features.SEARCHER_ID,)):
+        searchers += [x.decode() for x in batch[features.SEARCHER_ID].numpy()]
+    row_of = {d: i for i, d in enumerate(e.doc_ids)}
+    excluded = [[row_of[d] for d in seen.get(s, ()) if d in row_of] for s in searchers]
+    ex_counts = recall.exact_tie_counts(e.queries, e.docs, e.positives, exclude=excluded)
+    # TF and numpy multiply in different orders: a distinct near-tie may flip one example
+    for protocol, counts in (("all", all_counts), ("exclude_train", ex_counts)):
+        assert ev["protocols"][protocol] == pytest.approx(
+            recall.recall_at(*counts, [1, 10, 50], key="recall_at_{k}"), abs=1.01 / ev["examples"])
+        assert ev["protocols_ties_against"][protocol] == pytest.approx(
+            recall.recall_at(*counts, [1, 10, 50], "against", key="recall_at_{k}"), abs=1.01 / ev["examples"])
+        assert ev["protocols"][protocol]["recall_at_1"] > ev["protocols_ties_against"][protocol]["recall_at_1"]
+    assert "random" in ev["tie_rule"]
 
 
 def test_export_holds_the_resolved_configuration(trained):

@@ -1,7 +1,10 @@
 """Offline evaluation (`ebr evaluate`): recall@K by exact search over the full corpus.
 
 Every held-out example's query is embedded by the query tower, scored against the embedding of
-every corpus document and the positive's rank counted (ties count against it). Two protocols:
+every corpus document, and the documents scoring above the positive and tied with it counted
+(`ebr.recall`, the project's one tie rule): `protocols` holds recall@K with ties broken at random
+in expectation (what a deployed index gives on average), `protocols_ties_against` the same with
+every tie counted against the positive, `tie_rule` says so in words. Two protocols:
 `all` ranks the held-out document among every document (the TFRS tutorial metric); `exclude_train`
 first removes the searcher's training documents other than the positive (the usual offline
 protocol for recommendation data such as MovieLens). The split used (`EX/VERSION/split.json`
@@ -22,7 +25,7 @@ from collections import defaultdict
 import numpy as np
 import tensorflow as tf
 
-from ebr import features, storage
+from ebr import features, recall, storage
 from trainer import data
 from trainer.config import DEFAULT_KS
 from trainer.corpus import Corpus, load_corpus
@@ -78,17 +81,16 @@ def _read_split(data_dir: str | None) -> dict:
     return {"split_file": path, **storage.read_json(path, "split description")}
 
 
-def positive_rank(scores: np.ndarray, row: int, excluded_rows=None) -> tuple[int, int]:
-    """0-based rank of document `row` among `scores` [N] (ties count against it), and its rank
-    once `excluded_rows` (the searcher's training documents; the positive itself is never
+def positive_rank(scores: np.ndarray, row: int, excluded_rows=None) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(greater, ties) of document `row` among `scores` [N] (`ebr.recall.tie_counts`), and the
+    same once `excluded_rows` (the searcher's training documents; the positive itself is never
     excluded) are removed from the candidates."""
-    above = scores >= scores[row]
-    above[row] = False
-    rank = int(above.sum())
+    scores = np.asarray(scores)[None, :]
+    g, t = recall.tie_counts(scores, [row])
     if not excluded_rows:
-        return rank, rank
-    rows = np.unique(np.asarray([r for r in excluded_rows if r != row], dtype=np.int64))
-    return rank, rank - int(above[rows].sum()) if len(rows) else rank
+        return (int(g[0]), int(t[0])), (int(g[0]), int(t[0]))
+    ge, te = recall.tie_counts(scores, [row], exclude=[list(excluded_rows)])
+    return (int(g[0]), int(t[0])), (int(ge[0]), int(te[0]))
 
 
 def evaluate(model_or_query_tower_path, *, eval_pattern: str, corpus: Corpus | str,
@@ -113,7 +115,8 @@ def evaluate(model_or_query_tower_path, *, eval_pattern: str, corpus: Corpus | s
     seen = training_items(train_pattern) if train_pattern else None
     files = data.list_files(eval_pattern)
     ds = data.make_dataset(files, batch_size, shuffle=False)
-    hits = {p: np.zeros(len(ks), np.int64) for p in (["all", "exclude_train"] if seen is not None else ["all"])}
+    protocols = ["all", "exclude_train"] if seen is not None else ["all"]
+    counts = {p: ([], []) for p in protocols}  # protocol -> (greater, ties) per example
     n = missing = 0
     with data.named_errors(files):
         for batch in ds:
@@ -121,29 +124,35 @@ def evaluate(model_or_query_tower_path, *, eval_pattern: str, corpus: Corpus | s
             # Exact scores against the whole corpus, a few rows at a time (bounded memory).
             scores = np.concatenate([tf.matmul(q[s:s + rows_per_chunk], doc_emb, transpose_b=True).numpy()
                                      for s in range(0, int(q.shape[0]), rows_per_chunk)])
-            for i, doc_id in enumerate(batch[features.DOC_ID].numpy()):
-                if max_examples and n >= max_examples:
-                    break
-                n += 1
-                row = corpus.row_of.get(doc_id.decode())
-                if row is None:
-                    missing += 1  # positive not in the corpus: a miss under every protocol
-                    continue
-                excluded = None
-                if seen is not None:
-                    searcher = batch[features.SEARCHER_ID][i].numpy().decode()
-                    excluded = [corpus.row_of[d] for d in seen.get(searcher, ()) if d in corpus.row_of]
-                rank_all, rank_ex = positive_rank(scores[i], row, excluded)
-                hits["all"] += np.array([rank_all < k for k in ks])
-                if seen is not None:
-                    hits["exclude_train"] += np.array([rank_ex < k for k in ks])
+            ids = [d.decode() for d in batch[features.DOC_ID].numpy()]
+            if max_examples:
+                ids = ids[:max_examples - n]
+            # a positive not in the corpus (-1) is a miss under every protocol
+            rows = np.array([corpus.row_of.get(d, -1) for d in ids], dtype=np.int64)
+            missing += int((rows < 0).sum())
+            n += len(ids)
+            g, t = recall.tie_counts(scores[:len(ids)], rows)
+            counts["all"][0].append(g)
+            counts["all"][1].append(t)
+            if seen is not None:
+                searchers = [s.decode() for s in batch[features.SEARCHER_ID].numpy()[:len(ids)]]
+                excluded = [[corpus.row_of[d] for d in seen.get(s, ()) if d in corpus.row_of]
+                            for s in searchers]
+                g, t = recall.tie_counts(scores[:len(ids)], rows, exclude=excluded)
+                counts["exclude_train"][0].append(g)
+                counts["exclude_train"][1].append(t)
             if max_examples and n >= max_examples:
                 break
     if n == 0:
         raise ValueError(f"no evaluation examples in {eval_pattern}")
+    counts = {p: (np.concatenate(g), np.concatenate(t)) for p, (g, t) in counts.items()}
     result = {
-        "protocols": {p: {f"recall_at_{k}": float(h[j] / n) for j, k in enumerate(ks)}
-                      for p, h in hits.items()},
+        "protocols": {p: recall.recall_at(g, t, ks, "random", key="recall_at_{k}")
+                      for p, (g, t) in counts.items()},
+        "protocols_ties_against": {p: recall.recall_at(g, t, ks, "against", key="recall_at_{k}")
+                                   for p, (g, t) in counts.items()},
+        "tie_rule": "protocols: " + recall.TIE_RULE,
+        "positives_tied": {p: float((t > 0).mean()) for p, (_, t) in counts.items()},
         "examples": n, "positives_missing_from_corpus": missing, "corpus_size": len(corpus),
         "ks": ks, "split": {**_read_split(data_dir), "eval_files": files,
                             "train_files": storage.glob(train_pattern) if train_pattern else []},

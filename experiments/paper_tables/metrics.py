@@ -4,6 +4,12 @@ Place in the data flow: exported towers (`trainer.export`) and the examples arti
 and eval split -> `embed_split` (`Embedded`) -> recall@K by exact search (`model_metrics`),
 through weighted concatenation or a cascade (`ensemble_metrics`, paper 6.2) or through IVF-PQ
 indexes (`ann_metrics`, paper 4.1) -> the seed run's row -> metrics.
+
+Every recall here is `ebr.recall`'s: exact search counts the documents above and tied with the
+positive over the whole corpus; a cascade or an ANN index counts them within the ranked list it
+returned, by the scores it returned. `recall@K` breaks ties at random in expectation;
+`ties_against.recall@K` counts them against the positive (shown where text-only models are
+compared: a text-only model scores every namesake exactly like the positive).
 """
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import math
 
 import numpy as np
 
-from ebr import artifacts, features, storage
+from ebr import artifacts, features, recall, storage
 from experiments.paper_tables.config import PaperTablesConfig
 from experiments.paper_tables.rows import Row
 
@@ -51,23 +57,21 @@ def embed_split(model_dir: str, data_dir: str) -> Embedded:
     return Embedded(np.concatenate(qs).astype(np.float32), np.asarray(pos), docs, doc_ids, types)
 
 
-def ranks_exact(queries: np.ndarray, docs: np.ndarray, positives: np.ndarray, chunk: int = 2048) -> np.ndarray:
-    """0-based rank of each query's positive among all documents (ties count against it); a
-    positive missing from the corpus gets rank = number of documents (a miss at every K)."""
-    out = np.full(len(queries), len(docs), dtype=np.int64)
-    for s in range(0, len(queries), chunk):
-        scores = queries[s:s + chunk] @ docs.T
-        for i, p in enumerate(positives[s:s + chunk]):
-            if p >= 0:
-                out[s + i] = int((scores[i] > scores[i, p]).sum())
-    return out
+def counts_exact(queries: np.ndarray, docs: np.ndarray, positives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(greater, ties) of each query's positive among all documents by exact inner-product
+    search (`ebr.recall.exact_tie_counts`; a positive missing from the corpus is a miss)."""
+    return recall.exact_tie_counts(queries, docs, positives)
 
 
-def recall_metrics(ranks: np.ndarray, ks, pos_types: np.ndarray | None = None) -> dict:
-    out = {f"recall@{k}": float((ranks < k).mean()) for k in ks}
+def recall_metrics(counts: tuple[np.ndarray, np.ndarray], ks, pos_types: np.ndarray | None = None) -> dict:
+    """recall@K (ties at random in expectation), the ties-against figures, the share of positives
+    tied with another document and, given the positives' types, recall@K by type."""
+    g, t = counts
+    out = {**recall.recall_at(g, t, ks), "ties_against": recall.recall_at(g, t, ks, "against"),
+           "positives_tied": float((t > 0).mean())}
     if pos_types is not None:
-        out["by_type"] = {t: {f"recall@{k}": float((ranks[pos_types == t] < k).mean()) for k in ks}
-                          for t in DOC_TYPES if (pos_types == t).any()}
+        out["by_type"] = {ty: recall.recall_at(g[pos_types == ty], t[pos_types == ty], ks)
+                          for ty in DOC_TYPES if (pos_types == ty).any()}
     return out
 
 
@@ -76,7 +80,7 @@ def _pos_types(e: Embedded) -> np.ndarray:
 
 
 def model_metrics(e: Embedded, ks) -> dict:
-    return recall_metrics(ranks_exact(e.queries, e.docs, e.positives), ks, _pos_types(e))
+    return recall_metrics(counts_exact(e.queries, e.docs, e.positives), ks, _pos_types(e))
 
 
 def _aligned(a: Embedded, b: Embedded) -> None:
@@ -96,7 +100,7 @@ def ensemble_metrics(row: Row, emb: dict[str, Embedded], ks, work: str,
     if row.param("type") == "concat":
         q = weighted_concat_queries([a.queries, b.queries], row.param("alphas"))
         d = concat_documents([a.docs, b.docs])
-        return recall_metrics(ranks_exact(q, d, a.positives), ks, _pos_types(a))
+        return recall_metrics(counts_exact(q, d, a.positives), ks, _pos_types(a))
     # cascade: the first model's real (exact) index retrieves n, the second re-scores
     from index import build_index, open_index
 
@@ -110,14 +114,11 @@ def ensemble_metrics(row: Row, emb: dict[str, Embedded], ks, work: str,
                                      {"source": row.param("models")[0]}), path, backend="exact")
     first = open_index(indexes[name])
     cascade = Cascade(lambda q, k: first.search(q, k).doc_ids, EmbeddingTable(b.doc_ids, b.docs), n=n)
-    ids, _ = cascade.search(a.queries, b.queries, k=max(ks))
+    ids, scores = cascade.search(a.queries, b.queries, k=max(ks))
     row_of = {d: i for i, d in enumerate(a.doc_ids)}
-    ranks = np.full(len(ids), len(a.doc_ids), dtype=np.int64)
-    for i, (got, p) in enumerate(zip(ids, a.positives)):
-        rows = [row_of[d] for d in got]
-        if p in rows:
-            ranks[i] = rows.index(p)
-    return recall_metrics(ranks, ks, _pos_types(a))
+    rows = [[row_of[d] for d in got] for got in ids]
+    # ties among the second stage's scores are broken at random in expectation, not by list order
+    return recall_metrics(recall.tie_counts_in_list(scores, rows, a.positives), ks, _pos_types(a))
 
 
 def ann_metrics(rows: list[Row], e: Embedded, cfg: PaperTablesConfig, work: str, seed: int) -> dict[str, dict]:
@@ -149,8 +150,7 @@ def _ann_metrics(rows: list[Row], e: Embedded, cfg: PaperTablesConfig, work: str
     for row in rows:
         transform = row.param("transform")
         if transform == "exact":
-            ranks = ranks_exact(e.queries, e.docs, e.positives)
-            out[row.name] = {**recall_metrics(ranks, cfg.ks), f"ann_recall@{k}": 1.0,
+            out[row.name] = {**recall_metrics(counts_exact(e.queries, e.docs, e.positives), cfg.ks), f"ann_recall@{k}": 1.0,
                              "scanned": float(n), "scanned_fraction": 1.0, "bytes_per_vector": 4.0 * d}
             continue
         key = (transform, row.param("pq_bytes"))
@@ -165,8 +165,9 @@ def _ann_metrics(rows: list[Row], e: Embedded, cfg: PaperTablesConfig, work: str
         res = searcher.search(e.queries, kmax, params={"nprobe": int(row.param("nprobe"))})
         got = [[row_of[x] for x in ids] for ids in res.doc_ids]
         overlap = np.mean([len(set(g[:k]) & set(t)) / k for g, t in zip(got, exact_top)])
-        ranks = np.array([g.index(p) if p in g else n for g, p in zip(got, e.positives)])
-        out[row.name] = {**recall_metrics(ranks, cfg.ks), f"ann_recall@{k}": float(overlap),
+        # click recall through the index: ties among the index's own scores at random in expectation
+        counts = recall.tie_counts_in_list(res.scores, got, e.positives)
+        out[row.name] = {**recall_metrics(counts, cfg.ks), f"ann_recall@{k}": float(overlap),
                          "scanned": float(res.scanned.mean()), "scanned_fraction": float(res.scanned.mean() / n),
                          "bytes_per_vector": float(searcher.backend.bytes_per_vector()), "factory": factory,
                          "nlist": nlist}

@@ -35,6 +35,13 @@ def row_key(experiment: int, *names: str, **settings) -> str:
     return ".".join([f"e{experiment}", *names, *(f"{k}_{value(v)}" for k, v in settings.items())])
 
 
+# The ceiling beside every table: not a model of the plan but the Bayes-optimal ranking's
+# expected recall@K on the held-out sessions, read from the generator's truth file
+# (`RAW/truth/ceiling.jsonl[.gz]`, `ebr.datasets.social_ceiling`). A pseudo-row of each seed's
+# results with metrics {"recall@K": ...}, present only for logs that carry that file.
+CEILING = row_key(0, "ceiling")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     key: str

@@ -4,7 +4,9 @@ Place in the data flow: `PaperTablesConfig` (from the command line, `experiments
 `main`) -> `rows.plan` and `rows.select_rows` -> `seed_run.run_seeds` (WORK/seed{N}/) ->
 `claims.aggregate` -> OUT/results.json and `report.write_report` (OUT/report.md and the PNG
 plots). WORK defaults to OUT/work for a local OUT and to a local temp directory (removed at the
-end) for a remote one.
+end) for a remote one. The logs are the generator's (each seed its own) or, with `--raw DIR`,
+any canonical raw logs (docs/data-format.md) shared by every seed; results.json's `source`
+(`seed_run.source_summary`) says which, and which rows these logs could not measure and why.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from experiments.paper_tables.claims import aggregate
 from experiments.paper_tables.config import PaperTablesConfig, make_config
 from experiments.paper_tables.report import write_report
 from experiments.paper_tables.rows import plan, select_rows
-from experiments.paper_tables.seed_run import default_jobs, run_seeds
+from experiments.paper_tables.seed_run import default_jobs, run_seeds, source_summary
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +38,14 @@ def command_line(cfg: PaperTablesConfig) -> str:
     sets = []
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if f.name in RUN_FIELDS or value == getattr(base, f.name):
+        if f.name in RUN_FIELDS or f.name == "raw" or value == getattr(base, f.name):
             continue
         if isinstance(value, (list, tuple)):
             value = ",".join(str(v) for v in value)
         sets.append(" --set " + shlex.quote(f"{f.name}={'none' if value is None else value}"))
     return (f"ebr experiment paper-tables{' --quick' if cfg.quick else ''} --seeds {cfg.seeds} "
-            f"--out {cfg.out}" + (f" --only {','.join(cfg.only)}" if cfg.only else "") + "".join(sets))
+            + (f"--raw {shlex.quote(cfg.raw)} " if cfg.raw else "")
+            + f"--out {cfg.out}" + (f" --only {','.join(cfg.only)}" if cfg.only else "") + "".join(sets))
 
 
 def run(cfg: PaperTablesConfig, command: str | None = None) -> str:
@@ -60,7 +63,8 @@ def run(cfg: PaperTablesConfig, command: str | None = None) -> str:
         else:  # FAISS / TF scratch stays on local disk; only the results go to OUT
             work = scratch = tempfile.mkdtemp(prefix="ebr-paper-tables-work-")
             log.info("OUT %s is remote: work directory %s (removed at the end)", out, work)
-    seeds = list(range(cfg.seeds))
+    first = getattr(cfg, "first_seed", 0)  # seed 0 tunes the quick settings and is never reported
+    seeds = list(range(first, first + cfg.seeds))
     try:
         done = run_seeds(cfg, models, rows, seeds, work, jobs)
     finally:
@@ -68,7 +72,7 @@ def run(cfg: PaperTablesConfig, command: str | None = None) -> str:
             shutil.rmtree(scratch, ignore_errors=True)
     per_seed, facts = [r for r, _ in done], [f for _, f in done]
     agg = aggregate(per_seed)
-    results = {"config": dataclasses.asdict(cfg), "seeds": seeds,
+    results = {"config": dataclasses.asdict(cfg), "seeds": seeds, "source": source_summary(cfg, facts),
                "rows": [dataclasses.asdict(r) for r in rows], "per_seed": per_seed,
                "aggregate": agg, "facts": facts}
     storage.write_bytes(storage.join(out, "results.json"),
@@ -80,10 +84,11 @@ def run(cfg: PaperTablesConfig, command: str | None = None) -> str:
 
 def main(quick: bool = False, seeds: int | None = None, out: str | None = None,
          only: list[str] | None = None, overrides: list[str] | None = None,
-         command: str | None = None, jobs: int | None = None, work: str | None = None) -> str:
+         command: str | None = None, jobs: int | None = None, work: str | None = None,
+         raw: str | None = None) -> str:
     """`run` with the configuration of `make_config(quick, overrides)` and the given run
     settings (None: the configuration's); returns the report's path."""
     cfg = make_config(quick, overrides)
-    given = {"seeds": seeds, "out": out, "only": only, "jobs": jobs, "work": work}
+    given = {"seeds": seeds, "out": out, "only": only, "jobs": jobs, "work": work, "raw": raw}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
     return run(cfg, command)
