@@ -76,11 +76,16 @@ def build(name: str, overrides: list[str], args, corpus, ds):
     tf.keras.utils.set_random_seed(args.seed)
     model = UnifiedEmbeddingModel(cfg, corpus)
     model.compile(optimizer=make_optimizer(cfg))
+    return warmed(model, ds)
+
+
+def warmed(model, ds):
+    """(model, its traced train step, its iterator) after tracing, warming the queue / cache and
+    running the iterator once through the batches so that its in-memory cache is filled: no
+    timed step parses TFRecords."""
     it = iter(ds)
     model(next(it))
     step = model.make_train_function()
-    # Trace, warm the queue / cache, and run this iterator once through the batches so that its
-    # in-memory cache is filled: no timed step parses TFRecords.
     for _ in range(N_BATCHES + 5):
         logs = step(it)
     float(logs["loss"])
@@ -126,13 +131,7 @@ def build_basic(args, ds, searcher_ids, doc_ids, dim: int):
     tf.keras.utils.set_random_seed(args.seed)
     model = BasicRetrieval.build(searcher_ids, doc_ids, dim)
     model.compile(optimizer=tf.keras.optimizers.Adagrad(learning_rate=0.1))
-    it = iter(ds)
-    model(next(it))
-    step = model.make_train_function()
-    for _ in range(N_BATCHES + 5):
-        logs = step(it)
-    float(logs["loss"])
-    return model, step, it
+    return warmed(model, ds)
 
 
 def profile(model, step, it, steps: int, repeats: int) -> dict:
