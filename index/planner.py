@@ -193,18 +193,25 @@ class Planner:
         return probes, cost
 
     # --- top-k ------------------------------------------------------------------------
-    def _topk(self, Q, kk: int, compiled: Compiled, params, plan: str) -> Outcome:
+    def _exact_rows(self, Q, plans, probes, compiled: Compiled, **exact_args):
+        """Per-query (ids, scores, scanned) lists with the exact-plan queries answered
+        (`_exact(..., **exact_args)`) and their probes set to 0; the other entries stay empty."""
         nq = len(Q)
-        plans, probes, cost = self.choose(Q, kk, compiled, params, plan)
         ids: list = [None] * nq
         scores: list = [None] * nq
         scanned = np.zeros(nq, np.int64)
         rows = np.nonzero(plans == "exact")[0]
         if len(rows):
-            i_, d_, s_ = self._exact(Q[rows], compiled, k=kk)
+            i_, d_, s_ = self._exact(Q[rows], compiled, **exact_args)
             for j, r in enumerate(rows):
                 ids[r], scores[r], scanned[r] = i_[j], d_[j], s_[j]
             probes[rows] = 0
+        return ids, scores, scanned
+
+    def _topk(self, Q, kk: int, compiled: Compiled, params, plan: str) -> Outcome:
+        nq = len(Q)
+        plans, probes, cost = self.choose(Q, kk, compiled, params, plan)
+        ids, scores, scanned = self._exact_rows(Q, plans, probes, compiled, k=kk)
         if self.partitioned:
             for name in ("ann", "postfilter"):
                 for b in np.unique(probes[plans == name]):
@@ -312,19 +319,11 @@ class Planner:
 
     # --- radius -----------------------------------------------------------------------
     def _radius(self, Q, radius: float, k: int, compiled: Compiled, params, plan: str) -> Outcome:
-        nq, m = len(Q), compiled.count
+        m = compiled.count
         limit = min(k, m) if k > 0 else m
         start = min(limit, _RADIUS_START)
         plans, probes, _ = self.choose(Q, start, compiled, params, plan)
-        ids: list = [None] * nq
-        scores: list = [None] * nq
-        scanned = np.zeros(nq, np.int64)
-        rows = np.nonzero(plans == "exact")[0]
-        if len(rows):
-            i_, d_, s_ = self._exact(Q[rows], compiled, radius=radius, limit=limit)
-            for j, r in enumerate(rows):
-                ids[r], scores[r], scanned[r] = i_[j], d_[j], s_[j]
-            probes[rows] = 0
+        ids, scores, scanned = self._exact_rows(Q, plans, probes, compiled, radius=radius, limit=limit)
         fallbacks = 0
         todo = np.nonzero(plans != "exact")[0]
         kq = start
